@@ -1,0 +1,149 @@
+"""Linear layers with an input rotation and fake quantization, and their folded form.
+
+A linear ``y = x Wᵀ + b`` becomes ``y = Q_a(x̃) Q_w(W̃)ᵀ + b`` with
+``x̃ = (x / c) R`` and ``W̃ = (W · diag(c)) R``: ``c`` optional per-channel
+smoothing scales, ``R`` a Householder rotation. With both quantizers off it
+computes exactly the original linear. Sibling linears that read the same input
+(q/k/v, gate/up) share one ``InputTransform`` so the input is rotated and
+quantized once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantizers import ActivationQuantizer, WeightQuantizer, dequantize_codes
+from .rotation import HouseholderRotation
+
+
+class InputTransform(nn.Module):
+    """``x ↦ Q_a((x / c) R)`` on the last dimension, shared by sibling linears.
+
+    Args:
+        dim: input features ``d``.
+        rotation: the online rotation ``R`` (``None``: none).
+        act_quantizer: the activation quantizer (``None``: off).
+        smoothing: learn per-channel scales ``c = exp(log_smoothing)`` (init 1).
+    """
+
+    def __init__(self, dim: int, rotation: HouseholderRotation | None = None,
+                 act_quantizer: ActivationQuantizer | None = None, smoothing: bool = False) -> None:
+        super().__init__()
+        if rotation is not None and rotation.dim != dim:
+            raise ValueError(f"rotation dim={rotation.dim} != input dim={dim}")
+        self.dim = dim
+        self.rotation = rotation
+        self.act_quantizer = act_quantizer if act_quantizer is not None else ActivationQuantizer(bits=16)
+        self.log_smoothing = nn.Parameter(torch.zeros(dim)) if smoothing else None
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x / c) R`` before quantization, ``x``: ``(..., dim)``."""
+        if self.log_smoothing is not None:
+            x = x * torch.exp(-self.log_smoothing).to(x.dtype)
+        if self.rotation is not None:
+            x = self.rotation.rotate(x)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act_quantizer(self.transform_input(x))
+
+    def transform_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``(W · diag(c)) R`` for a weight ``(out, dim)`` that reads this input."""
+        if self.log_smoothing is not None:
+            weight = weight * torch.exp(self.log_smoothing).to(weight.dtype)
+        if self.rotation is not None:
+            weight = self.rotation.rotate(weight)
+        return weight
+
+
+class HHLinear(nn.Module):
+    """A frozen ``nn.Linear`` seen through an ``InputTransform`` and a weight quantizer.
+
+    Only the transform's and the quantizers' parameters train; ``weight`` and
+    ``bias`` are frozen copies of the original layer's.
+    """
+
+    def __init__(self, linear: nn.Linear, transform: InputTransform,
+                 weight_quantizer: WeightQuantizer | None = None) -> None:
+        super().__init__()
+        if transform.dim != linear.in_features:
+            raise ValueError(f"transform dim={transform.dim} != in_features={linear.in_features}")
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        self.bias = (nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+                     if linear.bias is not None else None)
+        self.transform = transform
+        self.weight_quantizer = weight_quantizer if weight_quantizer is not None else WeightQuantizer(
+            linear.out_features, linear.in_features, bits=16)
+
+    def transformed_weight(self) -> torch.Tensor:
+        """``W̃ = (W · diag(c)) R`` in full precision, ``(out, in)``."""
+        return self.transform.transform_weight(self.weight)
+
+    def forward_transformed(self, x_transformed: torch.Tensor) -> torch.Tensor:
+        """The output for an input already passed through the shared transform."""
+        weight = self.weight_quantizer(self.transformed_weight())
+        return F.linear(x_transformed, weight.to(x_transformed.dtype), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_transformed(self.transform(x))
+
+    @torch.no_grad()
+    def fold(self) -> "FoldedLinear":
+        """The deployable form: ``W̃`` quantized once to codes, the transform kept online."""
+        weight = self.transformed_weight().float()
+        bias = None if self.bias is None else self.bias.detach().clone()
+        if not self.weight_quantizer.enabled:
+            return FoldedLinear(self.transform, bias=bias, weight=weight)
+        codes, scale, zero = self.weight_quantizer.quantize(weight)
+        return FoldedLinear(self.transform, bias=bias, codes=codes, scale=scale, zero=zero,
+                            bits=self.weight_quantizer.bits)
+
+
+class FoldedLinear(nn.Module):
+    """Deployable linear: integer codes with per-group scale and zero (or a float weight).
+
+    ``codes``: uint8 ``(out, in)``; ``scale``/``zero``: ``(out, groups)``,
+    groups running along the input dimension. ``dequantized_weight()`` is
+    ``(codes - zero) · scale``.
+    """
+
+    def __init__(self, transform: InputTransform, bias: torch.Tensor | None = None, *,
+                 weight: torch.Tensor | None = None, codes: torch.Tensor | None = None,
+                 scale: torch.Tensor | None = None, zero: torch.Tensor | None = None,
+                 bits: int = 16) -> None:
+        super().__init__()
+        if (weight is None) == (codes is None):
+            raise ValueError("FoldedLinear takes either a float weight or integer codes")
+        self.transform = transform
+        self.bits = bits
+        self.register_buffer("bias", bias)
+        self.register_buffer("weight", weight)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        reference = weight if weight is not None else codes
+        self.out_features, self.in_features = reference.shape
+
+    @property
+    def group_size(self) -> int | None:
+        if self.codes is None or self.scale.shape[1] == 1:
+            return None
+        return self.in_features // self.scale.shape[1]
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.weight is not None:
+            return self.weight
+        groups = self.scale.shape[1]
+        grouped = self.codes.reshape(self.out_features, groups, -1)
+        weight = dequantize_codes(grouped, self.scale.unsqueeze(-1), self.zero.unsqueeze(-1))
+        return weight.reshape(self.out_features, self.in_features)
+
+    def forward_transformed(self, x_transformed: torch.Tensor) -> torch.Tensor:
+        return F.linear(x_transformed, self.dequantized_weight().to(x_transformed.dtype), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_transformed(self.transform(x))

@@ -1,0 +1,277 @@
+"""Orthogonal transforms built from Householder reflections.
+
+Conventions used everywhere in the package:
+
+* A reflection is ``H(v) = I - 2 v vᵀ / (vᵀv)``; the module stores ``k`` vectors
+  ``v_1..v_k`` as the rows of ``vectors`` (shape ``(k, d)``) and represents
+  ``R = H(v_k) ⋯ H(v_1)``.
+* Inputs are row vectors. ``rotate(x)`` computes ``x R`` and
+  ``rotate_transposed(x)`` computes ``x Rᵀ``. For a linear ``y = x Wᵀ`` the
+  input becomes ``x R`` and the weight ``W R`` (rows of ``W`` rotated like
+  inputs), so ``(x R)(W R)ᵀ = x Wᵀ``.
+* Compact WY form (Schreiber & Van Loan; the "UT transform" of Joffrain et al.):
+  with ``Y = vectorsᵀ`` (``d × k``, not normalized) and
+  ``U = striu(YᵀY) + diag(YᵀY) / 2`` (upper triangular),
+  ``H(v_1) ⋯ H(v_k) = I - Y U⁻¹ Yᵀ``, hence ``R = I - Y U⁻ᵀ Yᵀ``. Applying it
+  to ``n`` rows costs two thin GEMMs and one ``n × k`` triangular solve.
+* A zero vector is an inactive reflection: it acts as the identity. Its
+  diagonal entry of ``U`` is replaced by 1 so ``U`` stays invertible; the
+  vector's column of ``Y`` is zero, so that entry never reaches the output.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+RotationInit = Literal["identity", "random", "hadamard", "pca"]
+ROTATION_INITS: tuple[str, ...] = ("identity", "random", "hadamard", "pca")
+
+
+# --------------------------------------------------------------------------
+# Flat (Hadamard-like) matrices
+# --------------------------------------------------------------------------
+def power_of_two_factor(dim: int) -> int:
+    """The largest power of two dividing ``dim`` (896 -> 128, 576 -> 64)."""
+    return dim & (-dim)
+
+
+def sylvester_hadamard(order: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Unnormalized ±1 Hadamard matrix of a power-of-two ``order``."""
+    if order < 1 or order & (order - 1):
+        raise ValueError(f"order={order} must be a power of two")
+    matrix = torch.ones(1, 1, dtype=dtype)
+    while matrix.shape[0] < order:
+        matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
+    return matrix
+
+
+def flat_targets(dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Orthonormal vectors whose entries are all ``±1/√dim``, as rows.
+
+    For ``dim = m·b`` with ``m`` the largest power of two dividing ``dim``, the
+    rows of ``Hadamard(m) ⊗ 1_b`` scaled by ``1/√dim`` give ``m`` of them.
+    Returns shape ``(m, dim)``.
+    """
+    order = power_of_two_factor(dim)
+    block = dim // order
+    rows = torch.kron(sylvester_hadamard(order, dtype), torch.ones(1, block, dtype=dtype))
+    return rows / math.sqrt(dim)
+
+
+def dct_matrix(dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Orthonormal DCT-II matrix ``(dim, dim)``; dense with entries ``≤ √(2/dim)``."""
+    n = torch.arange(dim, dtype=torch.float64)
+    basis = torch.cos(math.pi / dim * (n[None, :] + 0.5) * n[:, None]) * math.sqrt(2.0 / dim)
+    basis[0] /= math.sqrt(2.0)
+    return basis.to(dtype)
+
+
+def hadamard_like(dim: int, generator: torch.Generator | None = None,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A dense orthogonal ``(dim, dim)`` matrix with near-flat entries, for any ``dim``.
+
+    ``diag(s) · (Hadamard(m)/√m ⊗ DCT(b))`` with random signs ``s`` (QuaRot's
+    randomized Hadamard); for a power-of-two ``dim`` it is an exact randomized
+    Hadamard matrix, otherwise entries are at most ``√2/√dim``.
+    """
+    order = power_of_two_factor(dim)
+    block = dim // order
+    matrix = torch.kron(sylvester_hadamard(order, torch.float64) / math.sqrt(order),
+                        dct_matrix(block, torch.float64))
+    signs = torch.randint(0, 2, (dim,), generator=generator).to(torch.float64) * 2 - 1
+    return (signs[:, None] * matrix).to(dtype)
+
+
+# --------------------------------------------------------------------------
+# Functional core (usable without the module)
+# --------------------------------------------------------------------------
+def _triangular_factor(vectors: torch.Tensor) -> torch.Tensor:
+    """``U = striu(V Vᵀ) + diag(V Vᵀ)/2`` for ``vectors`` ``V`` of shape ``(k, d)``.
+
+    Inactive (zero) vectors get a unit diagonal so ``U`` stays invertible.
+    """
+    gram = vectors @ vectors.T
+    half_norms = torch.diagonal(gram) / 2
+    inactive = half_norms <= torch.finfo(vectors.dtype).tiny
+    diagonal = torch.where(inactive, torch.ones_like(half_norms), half_norms)
+    return torch.triu(gram, diagonal=1) + torch.diag(diagonal)
+
+
+def householder_apply(x: torch.Tensor, vectors: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """Apply ``R = H(v_k)⋯H(v_1)`` to the rows of ``x`` through the WY form.
+
+    ``x``: ``(..., d)``; ``vectors``: ``(k, d)``. Returns ``x R`` (or ``x Rᵀ`` with
+    ``transpose=True``) in ``x``'s dtype. The arithmetic runs in float32 at
+    least, since the triangular solve is sensitive to bf16 rounding.
+    """
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    v = vectors.to(compute_dtype)
+    rows = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+    factor = _triangular_factor(v)
+    projections = rows @ v.T  # (n, k) = x Y
+    # x R = x - (x Y) U⁻ᵀ Yᵀ  and  x Rᵀ = x - (x Y) U⁻¹ Yᵀ; solve z·Uᵀ = xY or z·U = xY.
+    if transpose:
+        coefficients = torch.linalg.solve_triangular(factor, projections, upper=True, left=False)
+    else:
+        coefficients = torch.linalg.solve_triangular(factor.T, projections, upper=False, left=False)
+    out = rows - coefficients @ v
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def householder_apply_loop(x: torch.Tensor, vectors: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """Reference: apply the reflections one by one (``O(k)`` sequential ops).
+
+    Row vectors see ``x R = x H(v_k)ᵀ⋯`` — since each ``H`` is symmetric,
+    ``x R = (((x H_k) H_{k-1}) ⋯ H_1)`` and ``x Rᵀ = (((x H_1) H_2) ⋯ H_k)``.
+    """
+    order = range(vectors.shape[0]) if transpose else reversed(range(vectors.shape[0]))
+    out = x
+    for index in order:
+        v = vectors[index]
+        norm_sq = v @ v
+        if norm_sq <= torch.finfo(v.dtype).tiny:
+            continue
+        out = out - (2.0 / norm_sq) * (out @ v)[..., None] * v
+    return out
+
+
+def householder_matrix(vectors: torch.Tensor) -> torch.Tensor:
+    """Dense ``R`` (``d × d``) for ``vectors`` of shape ``(k, d)``."""
+    eye = torch.eye(vectors.shape[1], dtype=vectors.dtype, device=vectors.device)
+    return householder_apply(eye, vectors)
+
+
+def reflections_from_orthogonal(matrix: torch.Tensor) -> torch.Tensor:
+    """Householder vectors ``(d, d)`` whose ``R`` equals ``matrix`` up to row signs.
+
+    Uses LAPACK's QR (``geqrf``): ``A = H_1⋯H_d · diag(±1)``, so
+    ``Rᵀ = H_1⋯H_d = A·diag(±1)`` and ``R = diag(±1)·Aᵀ``. A flat ``A`` stays flat.
+    """
+    dim = matrix.shape[0]
+    packed, tau = torch.geqrf(matrix.to(torch.float64))
+    vectors = torch.tril(packed, diagonal=-1).T.clone()  # row i holds v_i below the unit entry
+    vectors[torch.arange(dim), torch.arange(dim)] = 1.0
+    # LAPACK's H_i = I - τ v vᵀ is a true reflection iff τ = 2/(vᵀv); τ = 0 means identity.
+    vectors[tau == 0] = 0.0
+    return vectors.to(matrix.dtype)
+
+
+def pca_flat_reflections(covariance: torch.Tensor, num_reflections: int) -> torch.Tensor:
+    """Reflection vectors mapping the top principal directions onto flat ones.
+
+    ``covariance``: ``(d, d)``, e.g. ``XᵀX/N`` of the rows ``x`` that will be
+    rotated as ``x R``. Returns ``(k', d)`` vectors, ``k' = min(k, m)`` with
+    ``m`` the number of available flat targets (``flat_targets``). With
+    ``R`` built from them, ``u_i R`` (a row vector) is ``±h_i`` for each of
+    the top-``k'`` eigenvectors ``u_i``: row vectors see ``Rᵀ``, so the
+    reflections are built as ``G = g_{k'}⋯g_1`` with ``G u_i = ±h_i`` and
+    stored in reverse order (``Rᵀ = H_1⋯H_{k'} = G``).
+    """
+    dim = covariance.shape[0]
+    targets = flat_targets(dim, torch.float64).to(covariance.device)
+    count = min(num_reflections, targets.shape[0])
+    _, eigenvectors = torch.linalg.eigh(covariance.to(torch.float64))
+    principal = eigenvectors[:, -count:].flip(1).T  # (count, d), largest eigenvalue first
+    built: list[torch.Tensor] = []
+    for index in range(count):
+        mapped = principal[index]
+        for v in built:  # u' = g_{i-1}⋯g_1 u_i
+            mapped = mapped - (2.0 / (v @ v)) * (mapped @ v) * v
+        target = targets[index]
+        # Choose the target's sign with u'ᵀh ≤ 0 so |v|² = 2 - 2u'ᵀh ≥ 2 (no cancellation).
+        if mapped @ target > 0:
+            target = -target
+        built.append(mapped - target)
+    if not built:
+        return covariance.new_zeros(0, dim)
+    return torch.stack(built[::-1]).to(covariance.dtype)
+
+
+def identity_pairs(num_reflections: int, dim: int, generator: torch.Generator | None = None,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(k, d)`` vectors whose product is exactly ``I`` yet trainable.
+
+    Equal consecutive vectors cancel (``H(v)H(v) = I``) but, unlike zero
+    vectors, receive gradients once one of a pair moves. An odd last one is zero.
+    """
+    vectors = torch.zeros(num_reflections, dim, dtype=dtype)
+    pairs = num_reflections // 2
+    if pairs:
+        random = torch.randn(pairs, dim, generator=generator, dtype=torch.float64).to(dtype)
+        vectors[: 2 * pairs] = random.repeat_interleave(2, dim=0)
+    return vectors
+
+
+# --------------------------------------------------------------------------
+# Module
+# --------------------------------------------------------------------------
+class HouseholderRotation(nn.Module):
+    """A learnable orthogonal ``R = H(v_k)⋯H(v_1)`` of size ``dim``.
+
+    Args:
+        dim: the rotated dimension ``d``.
+        num_reflections: ``k`` (1 ≤ k ≤ d); ``k = d`` reaches every orthogonal matrix.
+        init: ``identity`` (trainable pairs that cancel), ``random``,
+            ``hadamard`` (a dense randomized Hadamard-like matrix; needs ``k = d``),
+            or ``pca`` (identity until ``init_pca_`` is called with a covariance).
+        seed: seeds ``random``/``hadamard``/``identity`` vectors.
+    """
+
+    def __init__(self, dim: int, num_reflections: int, init: RotationInit = "identity",
+                 seed: int = 0) -> None:
+        super().__init__()
+        if dim < 1:
+            raise ValueError(f"dim={dim} must be positive")
+        if not 1 <= num_reflections <= dim:
+            raise ValueError(f"num_reflections={num_reflections} must be in [1, dim={dim}]")
+        if init not in ROTATION_INITS:
+            raise ValueError(f"init={init!r} is not one of {ROTATION_INITS}")
+        if init == "hadamard" and num_reflections != dim:
+            raise ValueError(f"init='hadamard' needs num_reflections == dim ({dim}), got {num_reflections}")
+        self.dim = dim
+        self.num_reflections = num_reflections
+        self.init = init
+        self.vectors = nn.Parameter(torch.zeros(num_reflections, dim))
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            if init == "random":
+                self.vectors.copy_(torch.randn(num_reflections, dim, generator=generator))
+            elif init == "hadamard":
+                self.vectors.copy_(reflections_from_orthogonal(hadamard_like(dim, generator)))
+            else:
+                self.vectors.copy_(identity_pairs(num_reflections, dim, generator))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, num_reflections={self.num_reflections}, init={self.init}"
+
+    @torch.no_grad()
+    def init_pca_(self, covariance: torch.Tensor, seed: int = 0) -> None:
+        """Fill the vectors from a ``(d, d)`` input covariance (DESIGN.md 2.2).
+
+        The first ``min(k, m)`` reflections flatten the top principal
+        directions; the rest are identity pairs, so ``R`` is exactly the PCA map.
+        """
+        if covariance.shape != (self.dim, self.dim):
+            raise ValueError(f"covariance shape {tuple(covariance.shape)} != ({self.dim}, {self.dim})")
+        pca = pca_flat_reflections(covariance.float(), self.num_reflections)
+        rest = identity_pairs(self.num_reflections - pca.shape[0], self.dim,
+                              torch.Generator().manual_seed(seed))
+        self.vectors.copy_(torch.cat([pca.to(self.vectors), rest.to(self.vectors)]))
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """``x R`` for ``x`` of shape ``(..., d)``; also ``W ↦ W R`` for a weight."""
+        return householder_apply(x, self.vectors)
+
+    def rotate_transposed(self, x: torch.Tensor) -> torch.Tensor:
+        """``x Rᵀ`` (the inverse rotation) for ``x`` of shape ``(..., d)``."""
+        return householder_apply(x, self.vectors, transpose=True)
+
+    forward = rotate
+
+    def matrix(self) -> torch.Tensor:
+        """The dense ``R`` (``d × d``)."""
+        return householder_matrix(self.vectors)
