@@ -58,16 +58,40 @@ class InputTransform(nn.Module):
         return weight
 
 
+def rotate_blocks(x: torch.Tensor, rotation: HouseholderRotation, transpose: bool = False) -> torch.Tensor:
+    """Apply one ``rotation`` of size ``b`` to every consecutive ``b``-block of the last dim.
+
+    ``x``: ``(..., n·b)``; each block ``x_j`` becomes ``x_j R`` (or ``x_j Rᵀ``),
+    i.e. ``x ↦ x · blockdiag(R, …, R)``. Used for head-dim rotations.
+    """
+    blocks = x.unflatten(-1, (-1, rotation.dim))
+    out = rotation.rotate_transposed(blocks) if transpose else rotation.rotate(blocks)
+    return out.flatten(-2)
+
+
 class HHLinear(nn.Module):
     """A frozen ``nn.Linear`` seen through an ``InputTransform`` and a weight quantizer.
 
     Only the transform's and the quantizers' parameters train; ``weight`` and
     ``bias`` are frozen copies of the original layer's.
+
+    Two optional weight-only head-dim rotations fold a rotation exactly into a
+    pair of layers (``R_o`` between ``v_proj`` and ``o_proj``):
+
+    * ``output_rotation``: outputs become ``y · blockdiag(R)``, i.e.
+      ``W ↦ blockdiag(Rᵀ) W`` and ``b ↦ b · blockdiag(R)`` (``v_proj``).
+    * ``prerotated_input``: the input arrives already multiplied by
+      ``blockdiag(R)``, so ``W ↦ W · blockdiag(R)`` undoes it (``o_proj``);
+      nothing is applied to the input online.
     """
 
     def __init__(self, linear: nn.Linear, transform: InputTransform,
-                 weight_quantizer: WeightQuantizer | None = None) -> None:
+                 weight_quantizer: WeightQuantizer | None = None,
+                 output_rotation: HouseholderRotation | None = None,
+                 prerotated_input: HouseholderRotation | None = None) -> None:
         super().__init__()
+        self.output_rotation = output_rotation
+        self.prerotated_input = prerotated_input
         if transform.dim != linear.in_features:
             raise ValueError(f"transform dim={transform.dim} != in_features={linear.in_features}")
         self.in_features = linear.in_features
@@ -80,13 +104,25 @@ class HHLinear(nn.Module):
             linear.out_features, linear.in_features, bits=16)
 
     def transformed_weight(self) -> torch.Tensor:
-        """``W̃ = (W · diag(c)) R`` in full precision, ``(out, in)``."""
-        return self.transform.transform_weight(self.weight)
+        """``W̃ = (W · diag(c)) R`` (and the head-dim rotations) in full precision, ``(out, in)``."""
+        weight = self.transform.transform_weight(self.weight)
+        if self.prerotated_input is not None:
+            weight = rotate_blocks(weight, self.prerotated_input)
+        if self.output_rotation is not None:
+            weight = rotate_blocks(weight.T, self.output_rotation).T
+        return weight
+
+    def transformed_bias(self) -> torch.Tensor | None:
+        if self.bias is None or self.output_rotation is None:
+            return self.bias
+        return rotate_blocks(self.bias, self.output_rotation)
 
     def forward_transformed(self, x_transformed: torch.Tensor) -> torch.Tensor:
         """The output for an input already passed through the shared transform."""
         weight = self.weight_quantizer(self.transformed_weight())
-        return F.linear(x_transformed, weight.to(x_transformed.dtype), self.bias)
+        bias = self.transformed_bias()
+        return F.linear(x_transformed, weight.to(x_transformed.dtype),
+                        None if bias is None else bias.to(x_transformed.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_transformed(self.transform(x))
@@ -95,7 +131,8 @@ class HHLinear(nn.Module):
     def fold(self) -> "FoldedLinear":
         """The deployable form: ``W̃`` quantized once to codes, the transform kept online."""
         weight = self.transformed_weight().float()
-        bias = None if self.bias is None else self.bias.detach().clone()
+        bias = self.transformed_bias()
+        bias = None if bias is None else bias.detach().clone()
         if not self.weight_quantizer.enabled:
             return FoldedLinear(self.transform, bias=bias, weight=weight)
         codes, scale, zero = self.weight_quantizer.quantize(weight)
@@ -143,7 +180,8 @@ class FoldedLinear(nn.Module):
         return weight.reshape(self.out_features, self.in_features)
 
     def forward_transformed(self, x_transformed: torch.Tensor) -> torch.Tensor:
-        return F.linear(x_transformed, self.dequantized_weight().to(x_transformed.dtype), self.bias)
+        bias = None if self.bias is None else self.bias.to(x_transformed.dtype)
+        return F.linear(x_transformed, self.dequantized_weight().to(x_transformed.dtype), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_transformed(self.transform(x))

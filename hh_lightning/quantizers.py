@@ -13,6 +13,8 @@ reach ``scale``/``zero`` and, through them, the clip ratios.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -103,6 +105,7 @@ class ActivationQuantizer(nn.Module):
         self.symmetric = symmetric
         self.group_size = group_size
         self.learnable_clip = learnable_clip and self.enabled
+        self.bypass = False  # set by quantization_disabled(); not a setting
         if self.learnable_clip:
             logit = _ratio_logit(clip_ratio_init)
             self.clip_logit_max = nn.Parameter(torch.tensor(logit))
@@ -135,7 +138,7 @@ class ActivationQuantizer(nn.Module):
         return range_to_scale_zero(low, high, self.bits, self.symmetric)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
+        if not self.enabled or self.bypass:
             return x
         scale, zero = self.scale_zero(x)
         out = fake_quantize(self._grouped(x), scale, zero, self.bits)
@@ -172,6 +175,7 @@ class WeightQuantizer(nn.Module):
         no_clip = _ratios_to_logits(torch.ones(out_features, groups, 1))
         self.clip_logit_max = nn.Parameter(no_clip.clone(), requires_grad=learnable_clip)
         self.clip_logit_min = nn.Parameter(no_clip.clone(), requires_grad=learnable_clip and not symmetric)
+        self.bypass = False  # set by quantization_disabled(); not a setting
 
     @property
     def enabled(self) -> bool:
@@ -201,7 +205,7 @@ class WeightQuantizer(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """Fake-quantized weight, same shape and dtype as ``weight``."""
-        if not self.enabled:
+        if not self.enabled or self.bypass:
             return weight
         scale, zero = self.scale_zero(weight)
         return fake_quantize(self._grouped(weight), scale, zero, self.bits).reshape(weight.shape).to(weight.dtype)
@@ -260,6 +264,20 @@ class WeightQuantizer(nn.Module):
                 ratio_low = grid_low / low.where(low.abs() > SCALE_EPS, torch.ones_like(low))
         self.clip_logit_max.copy_(_ratios_to_logits(ratio_high))
         self.clip_logit_min.copy_(_ratios_to_logits(ratio_low))
+
+
+@contextmanager
+def quantization_disabled(module: nn.Module) -> Iterator[None]:
+    """Temporarily turn every quantizer under ``module`` into the identity (full precision)."""
+    quantizers = [m for m in module.modules() if isinstance(m, (ActivationQuantizer, WeightQuantizer))]
+    previous = [q.bypass for q in quantizers]
+    for quantizer in quantizers:
+        quantizer.bypass = True
+    try:
+        yield
+    finally:
+        for quantizer, state in zip(quantizers, previous):
+            quantizer.bypass = state
 
 
 def _ratios_to_logits(ratio: torch.Tensor) -> torch.Tensor:

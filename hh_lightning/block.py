@@ -1,0 +1,408 @@
+"""A transformers decoder layer (Qwen2 or Llama) rebuilt with rotations and quantizers.
+
+Where the rotations sit (DESIGN.md 2.4), with ``x`` row vectors:
+
+* ``qkv``: ``R_qkv`` (hidden size) online on the weightless-normalized input
+  of q/k/v; the input norm's ``γ`` is folded into the three weights. One
+  activation quantizer is shared by the three.
+* ``o``: ``head`` mode: a head-dim ``R_o`` folded exactly into ``v_proj``
+  (outputs) and ``o_proj`` (inputs), no online cost; ``full`` mode: a
+  ``num_heads·head_dim`` rotation online on the input of ``o_proj``.
+* ``upgate``: ``R_upgate`` (hidden size) shared by gate/up, post norm ``γ`` folded.
+* ``down``: ``R_down`` (intermediate size) online on the input of ``down_proj``.
+* ``kv``: optional head-dim rotation of Q and K after RoPE (the same one, so
+  ``QKᵀ`` is unchanged) ahead of the per-head K/V quantizers.
+
+With every quantizer off the block computes the transformers layer's function
+for any rotations. RoPE comes from the model's own rotary module and the mask
+from transformers' own ``create_causal_mask``; attention runs through
+transformers' attention interface, so eager and sdpa both work.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama import modeling_llama
+from transformers.models.qwen2 import modeling_qwen2
+
+from .linear import FoldedLinear, HHLinear, InputTransform, rotate_blocks
+from .quantizers import OFF_BITS, ActivationQuantizer, WeightQuantizer, WeightInit
+from .rotation import ROTATION_INITS, HouseholderRotation, RotationInit
+
+ORotationMode = Literal["head", "full", "none"]
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+# Architecture differences the block needs, keyed by config.model_type. Both
+# families share the layer layout; each keeps its own RoPE and eager attention.
+ADAPTERS: dict[str, Any] = {
+    "llama": modeling_llama,
+    "qwen2": modeling_qwen2,
+}
+
+
+def check_model_type(config: PretrainedConfig) -> None:
+    """Raise a one-line ``ValueError`` for an architecture the block cannot wrap."""
+    if config.model_type not in ADAPTERS:
+        raise ValueError(f"model_type={config.model_type!r} is not supported; "
+                         f"supported: {', '.join(sorted(ADAPTERS))}")
+
+
+@dataclass
+class BlockQuantConfig:
+    """Bits, granularity and rotation sizes of one decoder block.
+
+    Reflection counts: ``0`` turns that rotation off, ``None`` means the full
+    dimension. ``rotation_init='hadamard'`` always uses the full dimension (a
+    dense Hadamard-like rotation cannot be written with fewer reflections).
+    """
+
+    w_bits: int = 4
+    w_symmetric: bool = True
+    w_group_size: int | None = None
+    w_learnable_clip: bool = True
+    w_init: WeightInit = "search"
+    a_bits: int = 4
+    a_symmetric: bool = False
+    a_learnable_clip: bool = True
+    a_clip_ratio_init: float = 0.98
+    kv_bits: int = 16
+    kv_symmetric: bool = False
+    qkv_reflections: int | None = 64
+    o_rotation: ORotationMode = "head"
+    o_reflections: int | None = None
+    upgate_reflections: int | None = 64
+    down_reflections: int | None = 64
+    kv_reflections: int | None = 0
+    rotation_init: RotationInit = "pca"
+    smoothing: bool = False
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "BlockQuantConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown quantization field(s) {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def rotation_dims(self, config: PretrainedConfig) -> dict[str, int]:
+        """Dimension of each enabled rotation for a model ``config``."""
+        head_dim = head_dim_of(config)
+        dims = {"qkv": config.hidden_size, "upgate": config.hidden_size, "down": config.intermediate_size,
+                "kv": head_dim}
+        if self.o_rotation == "head":
+            dims["o"] = head_dim
+        elif self.o_rotation == "full":
+            dims["o"] = config.num_attention_heads * head_dim
+        return dims
+
+    def reflections(self, name: str, dim: int) -> int:
+        """Reflection count of rotation ``name`` of size ``dim`` (0 = off)."""
+        count = getattr(self, f"{name}_reflections")
+        if self.rotation_init == "hadamard" and count != 0:
+            return dim
+        return dim if count is None else count
+
+    def validate(self, config: PretrainedConfig) -> None:
+        """Check every setting against the model before any heavy work; one-line errors."""
+        check_model_type(config)
+        if self.rotation_init not in ROTATION_INITS:
+            raise ValueError(f"quant.rotation_init={self.rotation_init!r} is not one of {ROTATION_INITS}")
+        if self.o_rotation not in ("head", "full", "none"):
+            raise ValueError(f"quant.o_rotation={self.o_rotation!r} is not one of ('head', 'full', 'none')")
+        for name, dim in self.rotation_dims(config).items():
+            count = getattr(self, f"{name}_reflections")
+            if count is not None and not 0 <= count <= dim:
+                raise ValueError(f"quant.{name}_reflections={count} must be in [0, {dim}] "
+                                 f"(the {name} rotation's dimension)")
+        in_features = {"hidden_size": config.hidden_size, "intermediate_size": config.intermediate_size,
+                       "num_attention_heads*head_dim": config.num_attention_heads * head_dim_of(config)}
+        if self.w_group_size is not None:
+            for label, size in in_features.items():
+                if self.w_group_size < 1 or size % self.w_group_size:
+                    raise ValueError(f"quant.w_group_size={self.w_group_size} does not divide {label}={size}")
+        # Building throwaway quantizers reuses their own range checks and messages.
+        WeightQuantizer(1, self.w_group_size or 1, bits=self.w_bits, group_size=self.w_group_size)
+        ActivationQuantizer(bits=self.a_bits)
+        ActivationQuantizer(bits=self.kv_bits)
+
+
+def head_dim_of(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _scaled_linear(linear: nn.Linear, gamma: torch.Tensor | None) -> nn.Linear:
+    """A copy of ``linear`` reading ``x`` instead of ``x · diag(γ)`` (``W ↦ W diag(γ)``)."""
+    out = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(linear.weight if gamma is None else linear.weight * gamma)
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias)
+    return out
+
+
+def _weightless_norm(norm: nn.Module) -> tuple[nn.Module, torch.Tensor]:
+    """Copy of an RMSNorm with ``γ = 1`` (frozen), and the original ``γ``."""
+    gamma = norm.weight.detach().clone()
+    weightless = copy.deepcopy(norm)
+    with torch.no_grad():
+        weightless.weight.fill_(1.0)
+    weightless.weight.requires_grad_(False)
+    return weightless, gamma
+
+
+def _attention_shell(attention: nn.Module) -> nn.Module:
+    """The attention module's attributes (config, heads, scaling, …) without its linears.
+
+    transformers' attention functions read those attributes from the module
+    they are given; the weights live in the block's own linears.
+    """
+    shell = copy.copy(attention)
+    shell._modules = {}
+    shell._parameters = {}
+    shell._buffers = {}
+    return shell
+
+
+class HHDecoderBlock(nn.Module):
+    """One decoder layer with Householder rotations and fake quantizers.
+
+    Args:
+        layer: the transformers decoder layer (left untouched; weights are copied).
+        config: the model's config.
+        rotary_emb: the model's rotary embedding module (copied, so the block
+            runs standalone on hidden states and position ids).
+        quant: the block's quantization settings.
+        layer_idx: the layer's index (KV cache slot, and the rotations' seeds).
+    """
+
+    def __init__(self, layer: nn.Module, config: PretrainedConfig, rotary_emb: nn.Module,
+                 quant: BlockQuantConfig, layer_idx: int) -> None:
+        super().__init__()
+        quant.validate(config)
+        self.config = config
+        self.quant = quant
+        self.layer_idx = layer_idx
+        self.head_dim = head_dim_of(config)
+        self.attention = _attention_shell(layer.self_attn)
+        self.rotary_emb = copy.deepcopy(rotary_emb)
+        self.act_fn = layer.mlp.act_fn
+        self.input_norm, input_gamma = _weightless_norm(layer.input_layernorm)
+        self.post_attention_norm, post_gamma = _weightless_norm(layer.post_attention_layernorm)
+
+        dims = quant.rotation_dims(config)
+        rotations = {name: self._make_rotation(name, dim, index) for index, (name, dim) in enumerate(dims.items())}
+        self.o_rotation = rotations.get("o") if quant.o_rotation == "head" else None
+        self.kv_rotation = rotations.get("kv")
+        qkv = self._make_transform(config.hidden_size, rotations.get("qkv"))
+        upgate = self._make_transform(config.hidden_size, rotations.get("upgate"))
+        o_online = rotations.get("o") if quant.o_rotation == "full" else None
+        o_input = self._make_transform(config.num_attention_heads * self.head_dim, o_online, smoothing=False)
+        down = self._make_transform(config.intermediate_size, rotations.get("down"))
+
+        attn, mlp = layer.self_attn, layer.mlp
+        self.linears = nn.ModuleDict({
+            "q_proj": self._wrap(_scaled_linear(attn.q_proj, input_gamma), qkv),
+            "k_proj": self._wrap(_scaled_linear(attn.k_proj, input_gamma), qkv),
+            "v_proj": self._wrap(_scaled_linear(attn.v_proj, input_gamma), qkv, output_rotation=self.o_rotation),
+            "o_proj": self._wrap(attn.o_proj, o_input, prerotated_input=self.o_rotation),
+            "gate_proj": self._wrap(_scaled_linear(mlp.gate_proj, post_gamma), upgate),
+            "up_proj": self._wrap(_scaled_linear(mlp.up_proj, post_gamma), upgate),
+            "down_proj": self._wrap(mlp.down_proj, down),
+        })
+        self.k_quantizer = ActivationQuantizer(bits=quant.kv_bits, symmetric=quant.kv_symmetric)
+        self.v_quantizer = ActivationQuantizer(bits=quant.kv_bits, symmetric=quant.kv_symmetric)
+        self._statistics: dict[str, list[torch.Tensor]] | None = None
+
+    # ---------------------------------------------------------------- building
+    def _make_rotation(self, name: str, dim: int, index: int) -> HouseholderRotation | None:
+        count = self.quant.reflections(name, dim)
+        if count == 0:
+            return None
+        # The seed depends only on the layer, so layer order and parallelism don't change results.
+        seed = self.quant.seed + 1000 * self.layer_idx + index
+        init = "identity" if self.quant.rotation_init == "pca" else self.quant.rotation_init
+        return HouseholderRotation(dim, count, init=init, seed=seed)
+
+    def _make_transform(self, dim: int, rotation: HouseholderRotation | None,
+                        smoothing: bool | None = None) -> InputTransform:
+        quant = self.quant
+        act = ActivationQuantizer(bits=quant.a_bits, symmetric=quant.a_symmetric,
+                                  learnable_clip=quant.a_learnable_clip, clip_ratio_init=quant.a_clip_ratio_init)
+        return InputTransform(dim, rotation, act, smoothing=quant.smoothing if smoothing is None else smoothing)
+
+    def _wrap(self, linear: nn.Linear, transform: InputTransform, **rotations: Any) -> HHLinear:
+        quant = self.quant
+        weight_quantizer = WeightQuantizer(linear.out_features, linear.in_features, bits=quant.w_bits,
+                                           symmetric=quant.w_symmetric, group_size=quant.w_group_size,
+                                           learnable_clip=quant.w_learnable_clip)
+        return HHLinear(linear, transform, weight_quantizer, **rotations)
+
+    # --------------------------------------------------------------- accessors
+    def rotations(self) -> dict[str, HouseholderRotation]:
+        """The enabled rotations by name: ``qkv``, ``o``, ``upgate``, ``down``, ``kv``."""
+        found = {
+            "qkv": self.linears["q_proj"].transform.rotation,
+            "o": self.o_rotation if self.o_rotation is not None else self.linears["o_proj"].transform.rotation,
+            "upgate": self.linears["gate_proj"].transform.rotation,
+            "down": self.linears["down_proj"].transform.rotation,
+            "kv": self.kv_rotation,
+        }
+        return {name: rotation for name, rotation in found.items() if rotation is not None}
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters split into ``transforms`` (reflections, smoothing) and ``clips``."""
+        groups: dict[str, list[nn.Parameter]] = {"transforms": [], "clips": []}
+        seen: set[int] = set()
+        for name, parameter in self.named_parameters():
+            if not parameter.requires_grad or id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            groups["clips" if "clip_logit" in name else "transforms"].append(parameter)
+        return groups
+
+    @property
+    def is_folded(self) -> bool:
+        return all(isinstance(linear, FoldedLinear) for linear in self.linears.values())
+
+    # ------------------------------------------------------------------- math
+    def _record(self, name: str, rows: torch.Tensor) -> None:
+        if self._statistics is None:
+            return
+        rows = rows.detach().reshape(-1, rows.shape[-1]).float()
+        entry = self._statistics.setdefault(name, [torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64),
+                                                   torch.zeros((), dtype=torch.float64)])
+        entry[0] += (rows.T @ rows).double().cpu()
+        entry[1] += rows.shape[0]
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Any = None,
+                use_cache: bool | None = False,
+                position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+                **kwargs: Any) -> torch.Tensor:
+        """``hidden_states``: ``(batch, seq, hidden)``; returns the same shape.
+
+        Standalone, pass only ``hidden_states`` (and ``position_ids``); RoPE
+        and the causal mask are then computed here. Inside a model, the
+        model's own mask, position embeddings and cache are used.
+        """
+        batch, length, _ = hidden_states.shape
+        if position_embeddings is None:  # standalone: the model did not prepare RoPE and the mask
+            if position_ids is None:
+                offset = past_key_values.get_seq_length() if past_key_values is not None else 0
+                position_ids = torch.arange(offset, offset + length, device=hidden_states.device)[None]
+            position_embeddings = self.rotary_emb(hidden_states, position_ids)
+            if attention_mask is None:
+                attention_mask = create_causal_mask(
+                    config=self.config, inputs_embeds=hidden_states, attention_mask=None,
+                    past_key_values=past_key_values, position_ids=position_ids)
+        linears = self.linears
+        model_functions = ADAPTERS[self.config.model_type]
+
+        residual = hidden_states
+        normed = self.input_norm(hidden_states)
+        self._record("qkv", normed)
+        qkv_input = linears["q_proj"].transform(normed)
+        heads = (batch, length, -1, self.head_dim)
+        query = linears["q_proj"].forward_transformed(qkv_input).view(heads).transpose(1, 2)
+        key = linears["k_proj"].forward_transformed(qkv_input).view(heads).transpose(1, 2)
+        value = linears["v_proj"].forward_transformed(qkv_input).view(heads).transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = model_functions.apply_rotary_pos_emb(query, key, cos, sin)
+        self._record("kv", key)
+        if self.kv_rotation is not None:
+            query, key = self.kv_rotation.rotate(query), self.kv_rotation.rotate(key)
+        key, value = self.k_quantizer(key), self.v_quantizer(value)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, model_functions.eager_attention_forward)
+        attended, _ = attention_function(
+            self.attention, query, key, value, attention_mask, dropout=0.0, scaling=self.attention.scaling,
+            sliding_window=getattr(self.attention, "sliding_window", None), **kwargs)
+        attended = attended.reshape(batch, length, -1)
+        if self._statistics is not None:
+            unrotated = attended if self.o_rotation is None else rotate_blocks(attended, self.o_rotation, True)
+            self._record("o", unrotated.reshape(batch, length, -1, self.head_dim) if self.o_rotation is not None
+                         else unrotated)
+        hidden_states = residual + linears["o_proj"](attended)
+
+        residual = hidden_states
+        normed = self.post_attention_norm(hidden_states)
+        self._record("upgate", normed)
+        upgate_input = linears["gate_proj"].transform(normed)
+        gated = self.act_fn(linears["gate_proj"].forward_transformed(upgate_input))
+        intermediate = gated * linears["up_proj"].forward_transformed(upgate_input)
+        self._record("down", intermediate)
+        return residual + linears["down_proj"](intermediate)
+
+    # ------------------------------------------------------- initialization
+    @torch.no_grad()
+    def collect_statistics(self, hidden_states: torch.Tensor,
+                           statistics: dict[str, list[torch.Tensor]] | None = None,
+                           position_ids: torch.LongTensor | None = None) -> dict[str, list[torch.Tensor]]:
+        """Accumulate ``XᵀX`` (float64) and row counts of every rotation's input.
+
+        Run in full precision (quantizers bypassed); the inputs are taken
+        before their rotation, so the result does not depend on it.
+        """
+        from .quantizers import quantization_disabled
+
+        self._statistics = {} if statistics is None else statistics
+        try:
+            with quantization_disabled(self):
+                self(hidden_states, position_ids=position_ids)
+            return self._statistics
+        finally:
+            self._statistics = None
+
+    @torch.no_grad()
+    def init_rotations_pca_(self, statistics: dict[str, list[torch.Tensor]]) -> None:
+        """PCA-initialize every rotation from ``collect_statistics`` sums."""
+        for name, rotation in self.rotations().items():
+            total, count = statistics[name]
+            rotation.init_pca_((total / count).to(rotation.vectors.device), seed=self.quant.seed + self.layer_idx)
+
+    @torch.no_grad()
+    def initialize_weight_quantizers(self, method: WeightInit | None = None) -> None:
+        """Set each weight quantizer's clip ratios for its current rotated weight."""
+        for linear in self.linears.values():
+            if isinstance(linear, HHLinear) and linear.weight_quantizer.enabled:
+                linear.weight_quantizer.initialize(linear.transformed_weight(), method or self.quant.w_init)
+
+    @torch.no_grad()
+    def fold_(self) -> "HHDecoderBlock":
+        """Replace every linear by its deployable ``FoldedLinear`` (in place); returns self."""
+        for name in LINEAR_NAMES:
+            linear = self.linears[name]
+            if isinstance(linear, HHLinear):
+                self.linears[name] = linear.fold()
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        return self
+
+
+def wrap_model(model: nn.Module, quant: BlockQuantConfig, layer_indices: list[int] | None = None) -> nn.Module:
+    """Replace decoder layers of a causal LM (in place) by ``HHDecoderBlock``s; returns the model."""
+    quant.validate(model.config)
+    layers = model.model.layers
+    for index in range(len(layers)) if layer_indices is None else layer_indices:
+        layers[index] = HHDecoderBlock(layers[index], model.config, model.model.rotary_emb, quant, index)
+    return model
+
+
+def quantization_active(quant: BlockQuantConfig) -> bool:
+    """Whether ``quant`` quantizes anything at all."""
+    return min(quant.w_bits, quant.a_bits, quant.kv_bits) < OFF_BITS

@@ -1,0 +1,139 @@
+"""HHDecoderBlock against transformers' own decoder layers."""
+
+import copy
+
+import pytest
+import torch
+
+from hh_lightning.block import BlockQuantConfig, HHDecoderBlock, check_model_type, wrap_model
+from hh_lightning.quantizers import quantization_disabled
+from tiny_models import tiny_config, tiny_model
+
+OFF = dict(w_bits=16, a_bits=16, kv_bits=16)
+
+
+def _layer_output(model, index: int, hidden: torch.Tensor) -> torch.Tensor:
+    positions = torch.arange(hidden.shape[1])[None]
+    embeddings = model.model.rotary_emb(hidden, positions)
+    from transformers.masking_utils import create_causal_mask
+
+    mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=None,
+                              past_key_values=None, position_ids=positions)
+    return model.model.layers[index](hidden, attention_mask=mask, position_ids=positions,
+                                     position_embeddings=embeddings)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("o_rotation", ["head", "full"])
+def test_block_equals_transformers_layer_with_random_rotations(model_type, attn, o_rotation) -> None:
+    model = tiny_model(model_type, attn)
+    quant = BlockQuantConfig(**OFF, rotation_init="random", o_rotation=o_rotation, kv_reflections=None,
+                             qkv_reflections=16, down_reflections=None, smoothing=True)
+    block = HHDecoderBlock(model.model.layers[1], model.config, model.model.rotary_emb, quant, 1)
+    with torch.no_grad():
+        for parameter in block.parameters():
+            if parameter.requires_grad and parameter.dim() == 1:  # smoothing scales
+                parameter.normal_(0, 0.3)
+    hidden = torch.randn(2, 11, model.config.hidden_size)
+    with torch.no_grad():
+        assert torch.allclose(block(hidden), _layer_output(model, 1, hidden), atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_wrapped_model_logits_match(model_type) -> None:
+    model = tiny_model(model_type)
+    reference = copy.deepcopy(model)
+    wrap_model(model, BlockQuantConfig(**OFF, rotation_init="random", down_reflections=None))
+    tokens = torch.randint(0, 128, (2, 17))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens).logits, reference(tokens).logits, atol=1e-4)
+
+
+def _quantized_block(model_type="qwen2", **overrides):
+    model = tiny_model(model_type)
+    quant = BlockQuantConfig(**{"w_bits": 4, "a_bits": 4, "kv_bits": 4, "kv_reflections": None,
+                                "rotation_init": "pca", **overrides})
+    block = HHDecoderBlock(model.model.layers[0], model.config, model.model.rotary_emb, quant, 0)
+    hidden = torch.randn(2, 16, model.config.hidden_size)
+    block.init_rotations_pca_(block.collect_statistics(hidden))
+    block.initialize_weight_quantizers()
+    return block, hidden
+
+
+@pytest.mark.parametrize("o_rotation", ["head", "full"])
+def test_fold_equals_fake_quant_block(o_rotation) -> None:
+    block, hidden = _quantized_block(o_rotation=o_rotation, w_group_size=16, w_symmetric=False)
+    with torch.no_grad():
+        expected = block(hidden)
+        folded = copy.deepcopy(block).fold_()
+        assert folded.is_folded
+        assert torch.allclose(folded(hidden), expected, atol=1e-5)
+
+
+def test_statistics_do_not_depend_on_rotations() -> None:
+    block, hidden = _quantized_block()
+    before = copy.deepcopy(block).collect_statistics(hidden)
+    with torch.no_grad():
+        for rotation in block.rotations().values():
+            rotation.vectors.normal_()
+    after = block.collect_statistics(hidden)
+    for name in before:
+        assert torch.allclose(before[name][0], after[name][0], rtol=1e-4, atol=1e-4), name
+
+
+def test_quantization_changes_output_and_disabling_restores_it() -> None:
+    model = tiny_model("llama")
+    block, hidden = _quantized_block("llama")
+    with torch.no_grad():
+        quantized = block(hidden)
+        with quantization_disabled(block):
+            full = block(hidden)
+        reference = _layer_output(model, 0, hidden)
+    assert torch.allclose(full, reference, atol=1e-5)
+    assert not torch.allclose(quantized, reference, atol=1e-3)
+
+
+def test_kv_rotation_lowers_key_error_with_outlier_channel() -> None:
+    from hh_lightning.quantizers import ActivationQuantizer
+    from hh_lightning.rotation import HouseholderRotation
+
+    torch.manual_seed(0)
+    keys = torch.randn(2, 2, 64, 16)
+    keys[..., 3] *= 30.0
+    quantizer = ActivationQuantizer(bits=4)
+    rotation = HouseholderRotation(16, 16, init="pca")
+    rows = keys.reshape(-1, 16)
+    rotation.init_pca_(rows.T @ rows / rows.shape[0])
+    with torch.no_grad():
+        plain_error = (quantizer(keys) - keys).pow(2).mean()
+        rotated = rotation.rotate(keys)
+        rotated_error = (rotation.rotate_transposed(quantizer(rotated)) - keys).pow(2).mean()
+    assert rotated_error < 0.5 * plain_error
+
+
+def test_kv_rotation_leaves_attention_unchanged_without_quantization() -> None:
+    model = tiny_model("qwen2")
+    hidden = torch.randn(1, 9, 64)
+    plain = HHDecoderBlock(model.model.layers[0], model.config, model.model.rotary_emb,
+                           BlockQuantConfig(**OFF, kv_reflections=0, rotation_init="random"), 0)
+    rotated = HHDecoderBlock(model.model.layers[0], model.config, model.model.rotary_emb,
+                             BlockQuantConfig(**OFF, kv_reflections=None, rotation_init="random"), 0)
+    assert rotated.kv_rotation is not None
+    with torch.no_grad():
+        assert torch.allclose(plain(hidden), rotated(hidden), atol=1e-5)
+
+
+def test_bad_settings_name_the_field() -> None:
+    config = tiny_config("qwen2")
+    with pytest.raises(ValueError, match="quant.down_reflections=97"):
+        BlockQuantConfig(down_reflections=97).validate(config)
+    with pytest.raises(ValueError, match="quant.w_group_size=24 does not divide hidden_size=64"):
+        BlockQuantConfig(w_group_size=24).validate(config)
+    with pytest.raises(ValueError, match="weight bits=9"):
+        BlockQuantConfig(w_bits=9).validate(config)
+    with pytest.raises(ValueError, match="unknown quantization field"):
+        BlockQuantConfig.from_dict({"wbits": 4})
+    config.model_type = "gpt2"
+    with pytest.raises(ValueError, match="supported: llama, qwen2"):
+        check_model_type(config)
