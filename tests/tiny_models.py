@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
@@ -32,3 +34,38 @@ def tiny_model(model_type: str, attn_implementation: str = "sdpa", seed: int = 0
             elif name.endswith(".bias"):
                 parameter.normal_(0.0, 0.1)
     return model.eval()
+
+
+WIKITEXT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
+TOKENIZER_CORPUS = [
+    " = Homarus gammarus = \n",
+    " Homarus gammarus , known as the European lobster or common lobster , is a species of clawed lobster "
+    "from the eastern Atlantic Ocean , Mediterranean Sea and parts of the Black Sea . \n",
+]
+
+
+def tiny_tokenizer(vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained in code (no download); WikiText valid lines when present."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = TOKENIZER_CORPUS
+    valid = WIKITEXT_DIR / "wiki.valid.raw"
+    if valid.is_file():
+        corpus = valid.read_text(encoding="utf-8").splitlines()[:400]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = __import__("tokenizers").decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
+
+
+def save_tiny_checkpoint(directory: Path, model_type: str = "llama", seed: int = 0, **overrides) -> Path:
+    """A tiny random model and its tokenizer saved as a local Hugging Face directory."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(model_type, seed=seed, vocab_size=len(tokenizer), **overrides)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

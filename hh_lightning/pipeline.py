@@ -1,0 +1,312 @@
+"""The whole-model driver: walk the layers, train each block, assemble, export, evaluate.
+
+Each decoder layer gets its own single-device ``Trainer`` and ``HHBlockModule``.
+A layer is done when its folded artifact (``layers/layer_NNN.safetensors`` plus
+the ``.json`` that vouches for it) exists; a layer in progress resumes from its
+``last.ckpt``. In ``fp`` input mode the layers are independent, so
+``layer_parallel`` runs disjoint shares of them in separate processes (one per
+device), then assembles.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from .block import HHDecoderBlock, wrap_model
+from .callbacks import (
+    FoldExportCallback,
+    RotationInitCallback,
+    WeightQuantizerInitCallback,
+    export_block,
+    load_layer_artifact,
+    read_layer_artifact,
+)
+from .data import tokenize_text, write_boundary_file
+from .datamodule import BlockActivationDataModule
+from .evaluation import perplexity
+from .models import config_hash
+from .module import HHBlockModule
+from .parallel import WorkerInfo, run_in_processes
+from .report import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+# Trainer arguments the driver sets itself for every layer.
+DRIVER_TRAINER_KEYS = ("callbacks", "logger", "default_root_dir", "enable_checkpointing")
+
+
+@dataclass
+class PipelineConfig:
+    """How the whole-model run is organized.
+
+    Args:
+        run_dir: where checkpoints, layer artifacts, logs and the result go.
+        layers: decoder layers to quantize (default: all); others stay full precision.
+        layer_parallel: split the layers over ``trainer.devices`` worker processes
+            (or over a torchrun/SLURM launch), ``fp`` input mode only.
+        statistics_samples: training windows used for the PCA covariances (``None``: all).
+        eval_split: WikiText-2 split for perplexity.
+        eval_seq_len: perplexity window length.
+        eval_windows: number of windows scored (``None``: the whole split).
+        eval_fp: also score the full-precision model.
+        export: save the packed quantized model (needs every layer quantized).
+        export_dir: where it is saved (default ``run_dir/quantized``).
+    """
+
+    run_dir: str = "runs/default"
+    layers: list[int] | None = None
+    layer_parallel: bool = False
+    statistics_samples: int | None = None
+    eval_split: str = "test"
+    eval_seq_len: int = 2048
+    eval_windows: int | None = 16
+    eval_fp: bool = True
+    export: bool = True
+    export_dir: str | None = None
+
+
+class QuantizationRun:
+    """One quantization job: a recipe module, a datamodule, Trainer arguments and a layout."""
+
+    def __init__(self, recipe: HHBlockModule, datamodule: BlockActivationDataModule,
+                 trainer_kwargs: dict[str, Any], pipeline: PipelineConfig) -> None:
+        self.recipe = recipe
+        self.datamodule = datamodule
+        self.trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if k not in DRIVER_TRAINER_KEYS}
+        self.pipeline = pipeline
+        self.run_dir = Path(pipeline.run_dir).expanduser()
+        self.artifact_dir = self.run_dir / "layers"
+
+    def to_state(self) -> dict[str, Any]:
+        """Picklable constructor arguments, to rebuild this run in a worker process."""
+        return {"quant": self.recipe.quant, "optim": self.recipe.optim,
+                "data": dict(self.datamodule.hparams), "trainer": self.trainer_kwargs, "pipeline": self.pipeline}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "QuantizationRun":
+        return cls(HHBlockModule(quant=state["quant"], optim=state["optim"]),
+                   BlockActivationDataModule(**state["data"]), state["trainer"], state["pipeline"])
+
+    # ----------------------------------------------------------- validation
+    def check_settings(self) -> None:
+        """Checks that need no model: one-line errors naming the field."""
+        if self.pipeline.layer_parallel and self.datamodule.hparams.input_mode == "quantized":
+            raise ValueError("pipeline.layer_parallel=true needs data.input_mode='fp': "
+                             "'quantized' input mode trains layers in sequence")
+        if self.pipeline.eval_seq_len < 2:
+            raise ValueError(f"pipeline.eval_seq_len={self.pipeline.eval_seq_len} must be >= 2")
+        self.datamodule.check_sources()
+
+    def check_model(self) -> None:
+        """Checks against the loaded model's config, still before any heavy work."""
+        config = self.datamodule.fp_model.config
+        self.recipe.quant.validate(config)
+        n_layers = config.num_hidden_layers
+        for index in self.pipeline.layers or []:
+            if not 0 <= index < n_layers:
+                raise ValueError(f"pipeline.layers contains {index}; the model has layers 0..{n_layers - 1}")
+        context = getattr(config, "max_position_embeddings", None)
+        for field_name, length in (("data.seq_len", self.datamodule.hparams.seq_len),
+                                   ("pipeline.eval_seq_len", self.pipeline.eval_seq_len)):
+            if context is not None and length > context:
+                raise ValueError(f"{field_name}={length} exceeds the model's context "
+                                 f"(max_position_embeddings={context})")
+
+    def identity(self) -> dict[str, Any]:
+        """What makes a run directory this run's: model, recipe and calibration data."""
+        hp = self.datamodule.hparams
+        data = {k: hp[k] for k in ("calibration", "calibration_split", "n_samples", "val_samples", "seq_len",
+                                   "seed", "input_mode")}
+        return {"model": hp.model, "gguf_file": hp.gguf_file,
+                "config_sha256": config_hash(self.datamodule.fp_model.config),
+                "quant": self.recipe.quant.to_dict(), "optim": asdict(self.recipe.optim), "data": data,
+                "layers": self.layers}
+
+    def claim_run_dir(self) -> None:
+        """Refuse a run directory that holds another run; record this run's identity."""
+        path = self.run_dir / "run.json"
+        wanted = json.loads(json.dumps(self.identity(), default=str))
+        if path.is_file():
+            stored = json.loads(path.read_text())
+            differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+            if differing:
+                raise ValueError(f"pipeline.run_dir={self.run_dir} holds another run (differs in: "
+                                 f"{', '.join(differing)}); choose another run_dir or delete it")
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps(wanted, indent=2))
+
+    @property
+    def layers(self) -> list[int]:
+        count = self.datamodule.fp_model.config.num_hidden_layers
+        return list(range(count)) if self.pipeline.layers is None else sorted(set(self.pipeline.layers))
+
+    # ------------------------------------------------------------- training
+    def _trainer(self, layer_index: int, worker: WorkerInfo) -> L.Trainer:
+        layer_dir = self.run_dir / "checkpoints" / f"layer_{layer_index:03d}"
+        name = f"layer_{layer_index:03d}"
+        kwargs = dict(self.trainer_kwargs)
+        kwargs.update(worker.trainer_overrides())
+        return L.Trainer(
+            **kwargs,
+            default_root_dir=str(layer_dir),
+            callbacks=[
+                RotationInitCallback(self.pipeline.statistics_samples),
+                WeightQuantizerInitCallback(),
+                ModelCheckpoint(dirpath=str(layer_dir), save_last=True, save_top_k=0, every_n_epochs=1,
+                                enable_version_counter=False),
+                FoldExportCallback(self.artifact_dir),
+            ],
+            logger=[CSVLogger(str(self.run_dir / "logs"), name=name, version=""),
+                    TensorBoardLogger(str(self.run_dir / "logs"), name=name, version="tensorboard")],
+        )
+
+    def _last_checkpoint(self, layer_index: int) -> Path | None:
+        path = self.run_dir / "checkpoints" / f"layer_{layer_index:03d}" / "last.ckpt"
+        if not path.is_file():
+            return None
+        try:
+            torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # noqa: BLE001 — any unreadable checkpoint is restarted
+            log.warning("checkpoint %s is unreadable (%s); layer %d restarts", path, error, layer_index)
+            path.unlink()
+            return None
+        return path
+
+    def layer_done(self, layer_index: int) -> bool:
+        try:
+            return read_layer_artifact(self.artifact_dir, layer_index) is not None
+        except ValueError as error:
+            log.warning("%s; layer %d is trained again", error, layer_index)
+            return False
+
+    def train_layer(self, layer_index: int, worker: WorkerInfo, input_path: Path | None = None) -> None:
+        """Train, fold and export one layer (resuming it if a checkpoint exists)."""
+        if self.layer_done(layer_index):
+            log.info("layer %d: artifact present, skipped", layer_index)
+            return
+        model = self.datamodule.fp_model
+        L.seed_everything(self.datamodule.hparams.seed + layer_index, verbose=False)
+        module = self.recipe.for_layer(layer_index)
+        module.attach_source(model.model.layers[layer_index], model.config, model.model.rotary_emb)
+        self.datamodule.select_layer(layer_index, input_path)
+        trainer = self._trainer(layer_index, worker)
+        trainer.fit(module, datamodule=self.datamodule, ckpt_path=self._last_checkpoint(layer_index))
+        if not self.layer_done(layer_index):  # a fit resumed after its last epoch skips on_train_end
+            export_block(module, self.datamodule.val_dataloader(), self.artifact_dir, trainer.global_step)
+
+    def train_layers(self, layer_indices: list[int], worker: WorkerInfo) -> None:
+        for layer_index in layer_indices:
+            self.train_layer(layer_index, worker)
+
+    def train_sequential_quantized(self, worker: WorkerInfo) -> None:
+        """``quantized`` input mode: layer ``i`` reads the outputs of folded layers ``< i``."""
+        manifest = self.datamodule.manifest
+        input_path: Path | None = None
+        for layer_index in self.layers:
+            self.train_layer(layer_index, worker, input_path)
+            block = self._folded_block(layer_index).to(worker.device)
+            next_path = self.run_dir / "quantized_inputs" / f"boundary_{layer_index + 1:03d}.bin"
+            source = manifest.boundary_path(layer_index) if input_path is None else input_path
+            write_boundary_file(next_path, self._run_block(block, source, worker.device), manifest.shape,
+                                manifest.dtype)
+            input_path = next_path
+
+    def _run_block(self, block: HHDecoderBlock, source: Path, device: torch.device):
+        from .data import BoundaryPairDataset
+
+        manifest = self.datamodule.manifest
+        dataset = BoundaryPairDataset(source, source, manifest.shape, manifest.dtype)
+        with torch.no_grad():
+            for index in range(len(dataset)):
+                x, _ = dataset[index]
+                yield block(x[None].to(device)).float().cpu()
+
+    # ------------------------------------------------------------- assembly
+    def _folded_block(self, layer_index: int) -> HHDecoderBlock:
+        model = self.datamodule.fp_model
+        block = HHDecoderBlock(model.model.layers[layer_index], model.config, model.model.rotary_emb,
+                               self.recipe.quant, layer_index)
+        return load_layer_artifact(block, self.artifact_dir)
+
+    def assemble(self) -> torch.nn.Module:
+        """The quantized model: the FP model with every trained layer replaced by its folded block."""
+        model = copy.deepcopy(self.datamodule.fp_model)
+        for layer_index in self.layers:
+            model.model.layers[layer_index] = self._folded_block(layer_index)
+        return model.eval()
+
+    def layer_metrics(self) -> list[dict[str, Any]]:
+        return [read_layer_artifact(self.artifact_dir, i, verify=False) for i in self.layers]
+
+    # ------------------------------------------------------------------ run
+    def validate(self) -> None:
+        """Every check that can fail on bad input, before any heavy work (one-line errors)."""
+        self.check_settings()
+        self.check_model()
+
+    def run(self, launched: WorkerInfo | None = None, config_yaml: str | None = None) -> dict[str, Any] | None:
+        """Everything after ``validate``; returns the summary (``None`` on a worker that does not assemble).
+
+        ``launched``: this process's rank under torchrun/SLURM (``launcher_worker()``);
+        ``config_yaml``: the resolved configuration, saved as ``run_dir/config.yaml``.
+        """
+        if launched is not None and not self.pipeline.layer_parallel:
+            raise ValueError("launched by torchrun/SLURM with several processes but pipeline.layer_parallel=false")
+        worker = launched or WorkerInfo.single(self.trainer_kwargs)
+        if worker.rank == 0:
+            self.claim_run_dir()
+            if config_yaml is not None:
+                write_text_atomic(self.run_dir / "config.yaml", config_yaml)
+        self.datamodule.prepare_data()
+        started = time.perf_counter()
+        if self.datamodule.hparams.input_mode == "quantized":
+            self.train_sequential_quantized(worker)
+        elif self.pipeline.layer_parallel and launched is None:
+            run_in_processes(self, worker.world_size_for(self.trainer_kwargs))
+        else:
+            self.train_layers(worker.share(self.layers), worker)
+        if worker.rank != 0:
+            return None
+        if launched is not None:
+            worker.wait_for(lambda: all(self.layer_done(i) for i in self.layers), "layer artifacts")
+        return self.finish(time.perf_counter() - started)
+
+    def finish(self, train_seconds: float) -> dict[str, Any]:
+        """Assemble, export and evaluate; writes ``summary.json`` and the per-layer plot."""
+        from .report import write_report
+
+        pipeline = self.pipeline
+        tokens = tokenize_text(self.datamodule.tokenizer, self.datamodule.text(pipeline.eval_split))
+        results: dict[str, Any] = {"train_seconds": train_seconds}
+        if pipeline.eval_fp:
+            results["fp"] = asdict(perplexity(self.datamodule.fp_model, tokens, pipeline.eval_seq_len,
+                                              pipeline.eval_windows))
+        quantized = self.assemble()
+        all_layers = len(self.layers) == self.datamodule.fp_model.config.num_hidden_layers
+        if pipeline.export and not all_layers:
+            log.warning("not exporting: pipeline.layers quantizes only %d layers", len(self.layers))
+        elif pipeline.export:
+            export_dir = Path(pipeline.export_dir) if pipeline.export_dir else self.run_dir / "quantized"
+            results["export_dir"] = str(self._export(quantized, export_dir))
+        results["quantized"] = asdict(perplexity(quantized, tokens, pipeline.eval_seq_len, pipeline.eval_windows))
+        results["layers"] = self.layer_metrics()
+        write_report(self.run_dir, results)
+        return results
+
+    def _export(self, model: torch.nn.Module, directory: Path) -> Path:
+        from .export import save_quantized
+
+        return save_quantized(model, directory, tokenizer=self.datamodule.tokenizer)

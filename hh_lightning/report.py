@@ -1,0 +1,80 @@
+"""Run summaries a person reads: a markdown table, JSON, and a per-layer MSE plot."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` under a temporary name and rename it into place (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of ``rows`` (dicts sharing keys); floats to 4 significant digits."""
+    if not rows:
+        return ""
+    columns = list(rows[0])
+
+    def cell(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def plot_layer_mse(series: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
+    """Per-layer MSE curves (log scale), one line per method, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for label, points in series.items():
+        layers, values = zip(*points)
+        axes.plot(layers, values, marker="o", markersize=3, label=label)
+    axes.set_yscale("log")
+    axes.set_xlabel("decoder layer")
+    axes.set_ylabel("block output MSE (held-out windows)")
+    axes.set_title(title)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    figure.savefig(temporary)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def write_report(run_dir: Path, results: dict[str, Any]) -> str:
+    """Write ``summary.json``, ``summary.md`` and ``layer_mse.png`` under ``run_dir``; return the markdown."""
+    layers = results.get("layers", [])
+    layer_rows = [{"layer": m["layer"], "mse_init": m["mse_init"], "mse_final": m["mse_final"],
+                   "mse_folded": m["mse_folded"], "steps": m["steps"]} for m in layers]
+    ppl_rows = []
+    for name in ("fp", "quantized"):
+        if name in results:
+            r = results[name]
+            ppl_rows.append({"model": name, "ppl": r["ppl"], "windows": r["n_windows"], "seq_len": r["seq_len"]})
+    text = "## Perplexity\n\n" + markdown_table(ppl_rows) + "\n\n## Per-layer MSE\n\n" + markdown_table(layer_rows)
+    text += f"\n\nTraining wall time: {results.get('train_seconds', float('nan')):.1f} s\n"
+    write_json_atomic(run_dir / "summary.json", results)
+    write_text_atomic(run_dir / "summary.md", text)
+    if layer_rows:
+        plot_layer_mse({"initialized (PCA + clip init)": [(r["layer"], r["mse_init"]) for r in layer_rows],
+                        "trained": [(r["layer"], r["mse_final"]) for r in layer_rows]},
+                       run_dir / "layer_mse.png", "Per-layer block MSE")
+    return text
