@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import lightning as L
 import torch
@@ -63,9 +63,16 @@ class HHBlockModule(L.LightningModule):
     def __init__(self, quant: BlockQuantConfig | None = None, optim: OptimConfig | None = None,
                  layer_index: int = 0) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Dicts from a checkpoint's hyperparameters are accepted too (load_from_checkpoint).
+        if isinstance(quant, dict):
+            quant = BlockQuantConfig.from_dict(quant)
+        if isinstance(optim, dict):
+            optim = OptimConfig(**optim)
         self.quant = quant if quant is not None else BlockQuantConfig()
         self.optim = optim if optim is not None else OptimConfig()
+        # Plain values only, so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters({"quant": self.quant.to_dict(), "optim": asdict(self.optim),
+                                   "layer_index": layer_index})
         self.layer_index = layer_index
         self.block: HHDecoderBlock | None = None
         self._source: tuple[nn.Module, object, nn.Module] | None = None

@@ -11,6 +11,7 @@ device), then assembles.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import os
@@ -91,8 +92,10 @@ class QuantizationRun:
 
     def to_state(self) -> dict[str, Any]:
         """Picklable constructor arguments, to rebuild this run in a worker process."""
-        return {"quant": self.recipe.quant, "optim": self.recipe.optim,
-                "data": dict(self.datamodule.hparams), "trainer": self.trainer_kwargs, "pipeline": self.pipeline}
+        accepted = inspect.signature(BlockActivationDataModule.__init__).parameters
+        data = {k: v for k, v in self.datamodule.hparams.items() if k in accepted}  # drops the CLI's extras
+        return {"quant": self.recipe.quant, "optim": self.recipe.optim, "data": data,
+                "trainer": self.trainer_kwargs, "pipeline": self.pipeline}
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "QuantizationRun":
@@ -134,19 +137,23 @@ class QuantizationRun:
                 "quant": self.recipe.quant.to_dict(), "optim": asdict(self.recipe.optim), "data": data,
                 "layers": self.layers}
 
-    def claim_run_dir(self) -> None:
-        """Refuse a run directory that holds another run; record this run's identity."""
+    def check_run_dir(self) -> bool:
+        """Whether ``run_dir`` already holds this run; raises if it holds another one."""
         path = self.run_dir / "run.json"
+        if not path.is_file():
+            return False
+        stored = json.loads(path.read_text())
         wanted = json.loads(json.dumps(self.identity(), default=str))
-        if path.is_file():
-            stored = json.loads(path.read_text())
-            differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-            if differing:
-                raise ValueError(f"pipeline.run_dir={self.run_dir} holds another run (differs in: "
-                                 f"{', '.join(differing)}); choose another run_dir or delete it")
-            return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(path, json.dumps(wanted, indent=2))
+        differing = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
+        if differing:
+            raise ValueError(f"pipeline.run_dir={self.run_dir} holds another run (differs in: "
+                             f"{', '.join(differing)}); choose another run_dir or delete it")
+        return True
+
+    def claim_run_dir(self) -> None:
+        """Record this run's identity in ``run_dir/run.json`` (after ``check_run_dir``)."""
+        if not self.check_run_dir():
+            write_text_atomic(self.run_dir / "run.json", json.dumps(self.identity(), indent=2, default=str))
 
     @property
     def layers(self) -> list[int]:
@@ -165,8 +172,10 @@ class QuantizationRun:
             callbacks=[
                 RotationInitCallback(self.pipeline.statistics_samples),
                 WeightQuantizerInitCallback(),
-                ModelCheckpoint(dirpath=str(layer_dir), save_last=True, save_top_k=0, every_n_epochs=1,
-                                enable_version_counter=False),
+                # A "link" last.ckpt is repointed only after the new epoch file is fully
+                # written, so a kill mid-save leaves it on the previous complete one.
+                ModelCheckpoint(dirpath=str(layer_dir), filename="epoch{epoch:03d}", auto_insert_metric_name=False,
+                                save_last="link", save_top_k=1, every_n_epochs=1, enable_version_counter=False),
                 FoldExportCallback(self.artifact_dir),
             ],
             logger=[CSVLogger(str(self.run_dir / "logs"), name=name, version=""),
@@ -178,7 +187,7 @@ class QuantizationRun:
         if not path.is_file():
             return None
         try:
-            torch.load(path, map_location="cpu", weights_only=False)
+            torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 — any unreadable checkpoint is restarted
             log.warning("checkpoint %s is unreadable (%s); layer %d restarts", path, error, layer_index)
             path.unlink()
@@ -256,6 +265,7 @@ class QuantizationRun:
         """Every check that can fail on bad input, before any heavy work (one-line errors)."""
         self.check_settings()
         self.check_model()
+        self.check_run_dir()
 
     def run(self, launched: WorkerInfo | None = None, config_yaml: str | None = None) -> dict[str, Any] | None:
         """Everything after ``validate``; returns the summary (``None`` on a worker that does not assemble).

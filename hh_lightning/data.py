@@ -1,0 +1,758 @@
+"""Calibration and evaluation text, token windows, and the on-disk activation cache.
+
+Conventions
+-----------
+* Text follows GPTQ/QuaRot: `"\\n\\n".join(rows)` of a WikiText-2 split's
+  Hugging Face rows, tokenized without special tokens.
+* The activation cache holds one raw file per block boundary: boundary `i`
+  (`i < n_layers`) is the hidden-state input of decoder layer `i`, boundary
+  `n_layers` the output of the last decoder layer, before the final norm.
+  Each file is a C-order array of shape `(n_samples, seq_len, hidden)` in
+  bfloat16 (stored as its uint16 bit pattern, since numpy has no bfloat16) or
+  float16, native byte order. `manifest.json` describes the files.
+
+Nothing here keeps more than one batch of activations in RAM: the build
+writes each batch into the memory-mapped boundary files as the model
+produces it, and readers map the files and convert only what they return.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hh_lightning.models import decoder_layers
+
+log = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------
+# Text
+# --------------------------------------------------------------------------
+
+WIKITEXT_HUB_ID = "Salesforce/wikitext"
+WIKITEXT_HUB_CONFIG = "wikitext-2-raw-v1"
+# Split name accepted from the user -> (Hugging Face split, file stem in wiki.<stem>.raw).
+_WIKITEXT_SPLITS = {
+    "train": ("train", "train"),
+    "validation": ("validation", "valid"),
+    "valid": ("validation", "valid"),
+    "test": ("test", "test"),
+}
+
+
+def _wikitext_split(split: str) -> tuple[str, str]:
+    try:
+        return _WIKITEXT_SPLITS[split]
+    except KeyError:
+        raise ValueError(f"unknown WikiText split {split!r}; expected one of {sorted(_WIKITEXT_SPLITS)}") from None
+
+
+def wikitext_rows(split: str, data_dir: str | Path | None = None) -> list[str]:
+    """The split's rows exactly as the Hugging Face `wikitext-2-raw-v1` loader gives them.
+
+    Source order: `data_dir`, else `$HH_DATA_DIR`, else the hub. A local
+    `wiki.<split>.raw` has one row per line: each keeps its trailing newline,
+    and whitespace-only lines become `""` (what the HF loader does).
+    """
+    hf_split, stem = _wikitext_split(split)
+    if data_dir is None:
+        data_dir = os.environ.get("HH_DATA_DIR") or None
+    if data_dir is not None:
+        path = Path(data_dir).expanduser() / f"wiki.{stem}.raw"
+        if not path.is_file():
+            raise FileNotFoundError(f"WikiText split file not found: {path}")
+        # newline="\n": split only at LF, as the original files do; no
+        # translation of other line separators that may occur inside rows.
+        with open(path, encoding="utf-8", newline="\n") as f:
+            return [line if line.strip() else "" for line in f]
+    import datasets  # heavy import, only for the hub path
+
+    dataset = datasets.load_dataset(WIKITEXT_HUB_ID, WIKITEXT_HUB_CONFIG, split=hf_split)
+    return list(dataset["text"])
+
+
+def load_wikitext_text(split: str, data_dir: str | Path | None = None) -> str:
+    """GPTQ-convention text of a WikiText-2 raw split: `"\\n\\n".join(rows)`.
+
+    `split` is `"train"`, `"validation"` (or `"valid"`), or `"test"`. See
+    `wikitext_rows` for where the rows come from.
+    """
+    return "\n\n".join(wikitext_rows(split, data_dir))
+
+
+def load_text_file(path: str | Path) -> str:
+    """The whole content of a local UTF-8 text file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    return path.read_text(encoding="utf-8")
+
+
+# --------------------------------------------------------------------------
+# Tokens and windows
+# --------------------------------------------------------------------------
+
+
+def tokenize_text(tokenizer: Any, text: str) -> torch.LongTensor:
+    """Token ids of `text`, 1-D int64, without special tokens (no BOS/EOS)."""
+    # The whole split is far longer than model_max_length; that warning is
+    # irrelevant because the ids are cut into windows afterwards.
+    with _quiet_length_warning(tokenizer):
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+@contextlib.contextmanager
+def _quiet_length_warning(tokenizer: Any) -> Iterator[None]:
+    saved = getattr(tokenizer, "model_max_length", None)
+    try:
+        if saved is not None:
+            tokenizer.model_max_length = int(1e30)
+        yield
+    finally:
+        if saved is not None:
+            tokenizer.model_max_length = saved
+
+
+def _check_ids(token_ids: torch.Tensor, seq_len: int) -> None:
+    if token_ids.dim() != 1:
+        raise ValueError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+    if token_ids.numel() < seq_len:
+        raise ValueError(f"text too short: {token_ids.numel()} tokens < seq_len {seq_len}")
+
+
+def calibration_windows(
+    token_ids: torch.Tensor, n_samples: int, seq_len: int, seed: int
+) -> torch.LongTensor:
+    """`n_samples` random windows of `seq_len` tokens, shape `(n_samples, seq_len)`.
+
+    Start offsets are drawn uniformly (with replacement, as GPTQ does) from a
+    `torch.Generator` seeded with `seed`, so the same inputs give the same windows.
+    """
+    _check_ids(token_ids, seq_len)
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    generator = torch.Generator().manual_seed(seed)
+    n_starts = token_ids.numel() - seq_len + 1
+    starts = torch.randint(0, n_starts, (n_samples,), generator=generator)
+    offsets = torch.arange(seq_len)
+    return token_ids[starts[:, None] + offsets[None, :]].long()
+
+
+def evaluation_windows(
+    token_ids: torch.Tensor, seq_len: int, max_windows: int | None = None
+) -> torch.LongTensor:
+    """Non-overlapping windows from the start, shape `(n, seq_len)` (GPTQ convention).
+
+    `n = len(token_ids) // seq_len`, capped at `max_windows`; the tail shorter
+    than a window is dropped.
+    """
+    _check_ids(token_ids, seq_len)
+    n_windows = token_ids.numel() // seq_len
+    if max_windows is not None:
+        if max_windows < 1:
+            raise ValueError(f"max_windows must be >= 1, got {max_windows}")
+        n_windows = min(n_windows, max_windows)
+    return token_ids[: n_windows * seq_len].reshape(n_windows, seq_len).long()
+
+
+# --------------------------------------------------------------------------
+# Raw activation files
+# --------------------------------------------------------------------------
+
+CACHE_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+WINDOWS_FILE = "windows.bin"
+STORAGE_DTYPES = ("bfloat16", "float16")
+# numpy dtype of the bytes on disk; bfloat16 travels as its bit pattern.
+_NUMPY_STORAGE = {"bfloat16": np.uint16, "float16": np.float16}
+_TORCH_STORAGE = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def boundary_file_name(index: int) -> str:
+    return f"boundary_{index:03d}.bin"
+
+
+def _storage_dtype(dtype: str | torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in STORAGE_DTYPES:
+        raise ValueError(f"unsupported cache dtype {dtype!r}; supported: {', '.join(STORAGE_DTYPES)}")
+    return name
+
+
+def _to_storage(tensor: torch.Tensor, dtype: str) -> np.ndarray:
+    """Tensor -> numpy array of the on-disk dtype (bf16 as uint16 bits), on CPU."""
+    converted = tensor.detach().to(_TORCH_STORAGE[dtype]).cpu().contiguous()
+    if dtype == "bfloat16":
+        converted = converted.view(torch.uint16)
+    return converted.numpy()
+
+
+def _from_storage(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """On-disk numpy array (a copy, not the map) -> float32 tensor."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if dtype == "bfloat16":
+        tensor = tensor.view(torch.bfloat16)
+    return tensor.float()
+
+
+def _expected_bytes(shape: Sequence[int], dtype: str) -> int:
+    return int(np.prod(shape)) * np.dtype(_NUMPY_STORAGE[dtype]).itemsize
+
+
+def _open_map(path: Path, shape: Sequence[int], dtype: str) -> np.memmap:
+    expected = _expected_bytes(shape, dtype)
+    actual = path.stat().st_size
+    if actual != expected:
+        raise ValueError(
+            f"{path} has {actual} bytes, expected {expected} for shape {tuple(shape)} {dtype}"
+        )
+    return np.memmap(path, dtype=_NUMPY_STORAGE[dtype], mode="r", shape=tuple(shape))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_boundary_file(
+    path: str | Path,
+    tensor_iterable: Iterable[torch.Tensor],
+    shape: Sequence[int],
+    dtype: str | torch.dtype = "bfloat16",
+) -> dict[str, Any]:
+    """Write a boundary file of `shape = (n_samples, seq_len, hidden)` atomically.
+
+    `tensor_iterable` yields consecutive chunks of samples, each
+    `(batch, seq_len, hidden)` or a single `(seq_len, hidden)`, in sample
+    order; together they must hold exactly `n_samples`. The file is written
+    under a temporary name in the same directory and renamed at the end.
+    Returns `{"bytes": ..., "sha256": ...}` for a manifest.
+    """
+    path = Path(path)
+    dtype = _storage_dtype(dtype)
+    n_samples, *sample_shape = (int(s) for s in shape)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    written = 0
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in tensor_iterable:
+                if chunk.dim() == len(sample_shape):
+                    chunk = chunk.unsqueeze(0)
+                if list(chunk.shape[1:]) != sample_shape:
+                    raise ValueError(
+                        f"{path.name}: chunk shape {tuple(chunk.shape)} does not match sample shape {tuple(sample_shape)}"
+                    )
+                if written + chunk.shape[0] > n_samples:
+                    raise ValueError(f"{path.name}: more than n_samples={n_samples} samples given")
+                data = _to_storage(chunk, dtype).tobytes()
+                out.write(data)
+                digest.update(data)
+                written += chunk.shape[0]
+            out.flush()
+            os.fsync(out.fileno())
+        if written != n_samples:
+            raise ValueError(f"{path.name}: got {written} samples, shape says n_samples={n_samples}")
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+# --------------------------------------------------------------------------
+# The activation cache
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class CacheManifest:
+    """What `manifest.json` of an activation cache says, plus where it lives.
+
+    `files` maps each file name to `{"bytes": int, "sha256": str}`.
+    """
+
+    cache_dir: Path
+    fingerprint: dict[str, Any]
+    n_samples: int
+    seq_len: int
+    hidden_size: int
+    n_layers: int
+    dtype: str
+    files: dict[str, dict[str, Any]]
+    windows_sha256: str
+    build_id: str = ""
+    build_seconds: float = 0.0
+    format_version: int = CACHE_FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape of every boundary file: `(n_samples, seq_len, hidden_size)`."""
+        return (self.n_samples, self.seq_len, self.hidden_size)
+
+    @property
+    def n_boundaries(self) -> int:
+        return self.n_layers + 1
+
+    def boundary_path(self, index: int) -> Path:
+        if not 0 <= index <= self.n_layers:
+            raise IndexError(f"boundary index {index} out of range 0..{self.n_layers}")
+        return self.cache_dir / boundary_file_name(index)
+
+    @property
+    def windows_path(self) -> Path:
+        return self.cache_dir / WINDOWS_FILE
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        del data["cache_dir"]
+        return data
+
+    @classmethod
+    def from_json(cls, cache_dir: Path, data: dict[str, Any]) -> CacheManifest:
+        return cls(cache_dir=Path(cache_dir), **data)
+
+
+def _normalize(value: Any) -> Any:
+    """JSON round trip, so a fingerprint compares equal to its stored form."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def windows_sha256(windows: torch.Tensor) -> str:
+    """sha256 of the windows' int64 bytes: identifies the exact calibration tokens."""
+    return hashlib.sha256(windows.to(torch.int64).cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def cache_fingerprint(
+    *,
+    model_source: str,
+    model: nn.Module,
+    tokenizer: Any,
+    data_source: str,
+    split: str,
+    n_samples: int,
+    seq_len: int,
+    seed: int,
+    dtype: str,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A fingerprint dict for `build_activation_cache`, from what a caller knows."""
+    from hh_lightning.models import config_hash
+
+    return {
+        "model": str(model_source),
+        "config_sha256": config_hash(model.config),
+        "tokenizer": str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__)),
+        "vocab_size": len(tokenizer),
+        "data": str(data_source),
+        "split": split,
+        "n_samples": int(n_samples),
+        "seq_len": int(seq_len),
+        "seed": int(seed),
+        "dtype": _storage_dtype(dtype),
+        **extra,
+    }
+
+
+class _BoundaryWriter:
+    """Streams batches into pre-sized boundary files through short-lived memory maps.
+
+    Each batch is written through a map of just its rows, dropped right after,
+    so written pages leave this process's resident set and RSS stays at about
+    one batch no matter how many layers the cache has. A running sha256 per
+    file works because every file is filled strictly in sample order.
+    """
+
+    def __init__(self, directory: Path, n_boundaries: int, shape: tuple[int, int, int], dtype: str):
+        self.directory = directory
+        self.shape = shape
+        self.dtype = dtype
+        self.sample_bytes = _expected_bytes(shape[1:], dtype)
+        self.digests = [hashlib.sha256() for _ in range(n_boundaries)]
+        self.rows_written = [0] * n_boundaries
+        for index in range(n_boundaries):
+            # Sparse pre-allocation: the file has its final size before any write.
+            with open(self.path(index), "wb") as f:
+                f.truncate(_expected_bytes(shape, dtype))
+
+    def path(self, index: int) -> Path:
+        return self.directory / boundary_file_name(index)
+
+    def write(self, index: int, start: int, hidden: torch.Tensor) -> None:
+        if start != self.rows_written[index]:
+            raise RuntimeError(
+                f"{boundary_file_name(index)}: batch starts at sample {start}, "
+                f"but {self.rows_written[index]} were written (a layer ran twice or was skipped)"
+            )
+        array = _to_storage(hidden, self.dtype)
+        if array.shape[1:] != self.shape[1:]:
+            raise RuntimeError(
+                f"{boundary_file_name(index)}: hidden state shape {array.shape} does not match cache shape {self.shape}"
+            )
+        window = np.memmap(
+            self.path(index),
+            dtype=_NUMPY_STORAGE[self.dtype],
+            mode="r+",
+            offset=start * self.sample_bytes,
+            shape=array.shape,
+        )
+        window[...] = array
+        del window  # unmap now: see the class docstring
+        self.digests[index].update(array.tobytes())
+        self.rows_written[index] = start + array.shape[0]
+
+
+def build_activation_cache(
+    model: nn.Module,
+    windows: torch.Tensor,
+    cache_dir: str | Path,
+    *,
+    dtype: str | torch.dtype = "bfloat16",
+    batch_size: int = 1,
+    fingerprint: dict[str, Any],
+    progress: bool = True,
+) -> CacheManifest:
+    """Run the FP model once over `windows` `(n_samples, seq_len)` and store every block boundary.
+
+    Boundary `i` is the input of decoder layer `i`; boundary `n_layers` is
+    the last layer's output before the final norm. Files are built in a
+    temporary directory next to `cache_dir` and renamed into place, replacing
+    any old cache there. Runs on the model's device, `torch.no_grad`, in
+    batches of `batch_size` windows.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    dtype = _storage_dtype(dtype)
+    if windows.dim() != 2:
+        raise ValueError(f"windows must be (n_samples, seq_len), got shape {tuple(windows.shape)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n_samples, seq_len = (int(s) for s in windows.shape)
+    for key, actual in (("n_samples", n_samples), ("seq_len", seq_len), ("dtype", dtype)):
+        if key in fingerprint and fingerprint[key] != actual:
+            raise ValueError(f"fingerprint[{key!r}]={fingerprint[key]!r} but the build uses {actual!r}")
+
+    layers = decoder_layers(model)
+    n_layers = len(layers)
+    hidden_size = int(model.config.hidden_size)
+    shape = (n_samples, seq_len, hidden_size)
+    device = next(model.parameters()).device
+
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    build_dir = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f".{cache_dir.name}.build-"))
+    started = time.perf_counter()
+    try:
+        window_record = _write_windows_file(build_dir / WINDOWS_FILE, windows)
+        writer = _BoundaryWriter(build_dir, n_layers + 1, shape, dtype)
+        batch_start = 0
+
+        def input_hook(index: int):
+            def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                hidden = args[0] if args else kwargs["hidden_states"]
+                writer.write(index, batch_start, hidden)
+
+            return hook
+
+        def output_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            # Older transformers return (hidden_states, ...) from a decoder
+            # layer; recent ones return the tensor itself.
+            hidden = output[0] if isinstance(output, (tuple, list)) else output
+            writer.write(n_layers, batch_start, hidden)
+
+        handles = [
+            layer.register_forward_pre_hook(input_hook(i), with_kwargs=True) for i, layer in enumerate(layers)
+        ]
+        handles.append(layers[-1].register_forward_hook(output_hook, with_kwargs=True))
+        base_model = model.model  # the decoder stack without lm_head: its logits are not needed
+        try:
+            batches = range(0, n_samples, batch_size)
+            for batch_start in tqdm(batches, desc="activation cache", unit="batch", disable=not progress):
+                input_ids = windows[batch_start : batch_start + batch_size].to(device)
+                with torch.no_grad():
+                    base_model(input_ids=input_ids, use_cache=False, output_hidden_states=False)
+                expected = batch_start + input_ids.shape[0]
+                missing = [boundary_file_name(i) for i, r in enumerate(writer.rows_written) if r != expected]
+                if missing:
+                    raise RuntimeError(
+                        f"decoder layers did not all run (config.num_hidden_layers={model.config.num_hidden_layers}, "
+                        f"{n_layers} layers); not written: {', '.join(missing)}"
+                    )
+        finally:
+            for handle in handles:
+                handle.remove()
+
+        files = {WINDOWS_FILE: window_record}
+        for index in range(n_layers + 1):
+            _fsync(writer.path(index))
+            files[boundary_file_name(index)] = {
+                "bytes": writer.path(index).stat().st_size,
+                "sha256": writer.digests[index].hexdigest(),
+            }
+        manifest = CacheManifest(
+            cache_dir=cache_dir,
+            fingerprint=_normalize(fingerprint),
+            n_samples=n_samples,
+            seq_len=seq_len,
+            hidden_size=hidden_size,
+            n_layers=n_layers,
+            dtype=dtype,
+            files=files,
+            windows_sha256=windows_sha256(windows),
+            build_id=uuid.uuid4().hex,
+            build_seconds=round(time.perf_counter() - started, 3),
+        )
+        manifest_path = build_dir / MANIFEST_NAME
+        manifest_path.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True))
+        _fsync(manifest_path)
+        _move_into_place(build_dir, cache_dir)
+    except BaseException:
+        shutil.rmtree(build_dir, ignore_errors=True)
+        raise
+    log.info("activation cache built at %s (%d boundaries, %.1f s)", cache_dir, n_layers + 1, manifest.build_seconds)
+    return manifest
+
+
+def _write_windows_file(path: Path, windows: torch.Tensor) -> dict[str, Any]:
+    """Write the windows' token ids as raw int64 `(n_samples, seq_len)`; returns its file record."""
+    data = windows.to(torch.int64).cpu().contiguous().numpy().tobytes()
+    path.write_bytes(data)
+    _fsync(path)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _move_into_place(build_dir: Path, cache_dir: Path) -> None:
+    """Rename a finished build onto `cache_dir`; an old cache there is moved aside, then deleted."""
+    stale = None
+    if cache_dir.exists():
+        stale = cache_dir.with_name(f".{cache_dir.name}.stale-{uuid.uuid4().hex[:8]}")
+        os.replace(cache_dir, stale)
+    os.replace(build_dir, cache_dir)
+    if stale is not None:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _sha256_file(path: Path, chunk_bytes: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fingerprint_diff(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    keys = sorted(set(stored) | set(wanted))
+    return [k for k in keys if stored.get(k) != wanted.get(k)]
+
+
+def open_activation_cache(
+    cache_dir: str | Path,
+    fingerprint: dict[str, Any],
+    *,
+    verify: bool = False,
+    windows: torch.Tensor | None = None,
+) -> CacheManifest | None:
+    """The manifest of a complete cache at `cache_dir` built for `fingerprint`, else None.
+
+    None when there is no manifest, the fingerprint (or the `windows`, when
+    given) differs, or a file is missing or has the wrong size; with
+    `verify=True` also when a file's sha256 differs. Every reason except
+    absence is logged as a warning naming the key or file.
+    """
+    cache_dir = Path(cache_dir).expanduser()
+    manifest_path = cache_dir / MANIFEST_NAME
+    if not manifest_path.is_file():
+        log.debug("no activation cache at %s", cache_dir)
+        return None
+    try:
+        data = json.loads(manifest_path.read_text())
+        manifest = CacheManifest.from_json(cache_dir, data)
+    except (json.JSONDecodeError, TypeError) as error:
+        log.warning("unreadable activation cache manifest %s: %s", manifest_path, error)
+        return None
+    if manifest.format_version != CACHE_FORMAT_VERSION:
+        log.warning("activation cache %s has format version %s, expected %s",
+                    cache_dir, manifest.format_version, CACHE_FORMAT_VERSION)
+        return None
+    differing = _fingerprint_diff(manifest.fingerprint, _normalize(fingerprint))
+    if differing:
+        log.warning("activation cache %s was built for a different fingerprint (keys: %s)",
+                    cache_dir, ", ".join(differing))
+        return None
+    if windows is not None and windows_sha256(windows) != manifest.windows_sha256:
+        log.warning("activation cache %s was built from different calibration windows", cache_dir)
+        return None
+    expected_names = [WINDOWS_FILE] + [boundary_file_name(i) for i in range(manifest.n_boundaries)]
+    for name in expected_names:
+        path = cache_dir / name
+        record = manifest.files.get(name)
+        if record is None or not path.is_file():
+            log.warning("activation cache file missing: %s", path)
+            return None
+        size = path.stat().st_size
+        if size != record["bytes"]:
+            log.warning("activation cache file %s has %d bytes, manifest says %d", path, size, record["bytes"])
+            return None
+    if verify:
+        for name in tqdm(expected_names, desc="verify cache", unit="file", disable=len(expected_names) < 8):
+            if _sha256_file(cache_dir / name) != manifest.files[name]["sha256"]:
+                log.warning("activation cache file %s fails its sha256 check", cache_dir / name)
+                return None
+    return manifest
+
+
+@contextlib.contextmanager
+def _build_lock(cache_dir: Path) -> Iterator[None]:
+    """Exclusive lock so concurrent processes (one per device) build a cache once."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): the atomic rename still keeps caches whole
+        yield
+        return
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = cache_dir.parent / f".{cache_dir.name}.lock"
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def ensure_activation_cache(
+    model: nn.Module,
+    windows: torch.Tensor,
+    cache_dir: str | Path,
+    *,
+    dtype: str | torch.dtype = "bfloat16",
+    batch_size: int = 1,
+    fingerprint: dict[str, Any],
+    verify: bool = False,
+    progress: bool = True,
+) -> CacheManifest:
+    """Open the cache at `cache_dir` if it matches `fingerprint` and `windows`, else (re)build it."""
+    cache_dir = Path(cache_dir).expanduser()
+    with _build_lock(cache_dir):
+        manifest = open_activation_cache(cache_dir, fingerprint, verify=verify, windows=windows)
+        if manifest is not None and manifest.dtype == _storage_dtype(dtype):
+            return manifest
+        return build_activation_cache(
+            model, windows, cache_dir, dtype=dtype, batch_size=batch_size, fingerprint=fingerprint, progress=progress
+        )
+
+
+def read_windows(manifest: CacheManifest) -> torch.LongTensor:
+    """The calibration token windows the cache was built from, `(n_samples, seq_len)` int64."""
+    array = np.fromfile(manifest.windows_path, dtype=np.int64)
+    return torch.from_numpy(array).reshape(manifest.n_samples, manifest.seq_len)
+
+
+SampleIndex = int | slice | Sequence[int] | np.ndarray | torch.Tensor | None
+
+
+def read_boundary(manifest: CacheManifest, index: int, sample_indices: SampleIndex = None) -> torch.Tensor:
+    """Boundary `index` as float32: `(n, seq_len, hidden)`, or `(seq_len, hidden)` for an int sample.
+
+    The file is memory-mapped; only the selected samples are read and
+    converted. `sample_indices=None` reads every sample.
+    """
+    mapped = _open_map(manifest.boundary_path(index), manifest.shape, manifest.dtype)
+    if sample_indices is None:
+        selected = mapped[:]
+    elif isinstance(sample_indices, torch.Tensor):
+        selected = mapped[sample_indices.cpu().numpy()]
+    else:
+        selected = mapped[sample_indices]
+    return _from_storage(np.array(selected), manifest.dtype)
+
+
+class BoundaryPairDataset(torch.utils.data.Dataset):
+    """`(x, y)` float32 pairs, each `(seq_len, hidden)`, for training one block.
+
+    `x` is sample `indices[k]` of `input_path`, `y` the same sample of
+    `target_path`. The paths are arbitrary boundary files of `shape =
+    (n_samples, seq_len, hidden)` and storage `dtype`, so `x` can come from
+    the FP cache or from a file of quantized-block outputs. Files are mapped
+    lazily, per process, so the dataset pickles cheaply into DataLoader workers.
+    """
+
+    def __init__(
+        self,
+        input_path: str | Path,
+        target_path: str | Path,
+        shape: Sequence[int],
+        dtype: str | torch.dtype = "bfloat16",
+        indices: Sequence[int] | None = None,
+    ):
+        self.input_path = Path(input_path)
+        self.target_path = Path(target_path)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = _storage_dtype(dtype)
+        if len(self.shape) != 3:
+            raise ValueError(f"shape must be (n_samples, seq_len, hidden), got {self.shape}")
+        self.indices = list(range(self.shape[0])) if indices is None else [int(i) for i in indices]
+        for i in self.indices:
+            if not 0 <= i < self.shape[0]:
+                raise IndexError(f"sample index {i} out of range 0..{self.shape[0] - 1}")
+        expected = _expected_bytes(self.shape, self.dtype)
+        for path in (self.input_path, self.target_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"boundary file not found: {path}")
+            if path.stat().st_size != expected:
+                raise ValueError(
+                    f"{path} has {path.stat().st_size} bytes, expected {expected} for shape {self.shape} {self.dtype}"
+                )
+        self._maps: tuple[np.memmap, np.memmap] | None = None
+
+    @classmethod
+    def for_layer(
+        cls,
+        manifest: CacheManifest,
+        layer: int,
+        indices: Sequence[int] | None = None,
+        input_path: str | Path | None = None,
+    ) -> BoundaryPairDataset:
+        """Pairs for decoder layer `layer`: x = boundary `layer` (or `input_path`), y = boundary `layer + 1`."""
+        x_path = manifest.boundary_path(layer) if input_path is None else input_path
+        return cls(x_path, manifest.boundary_path(layer + 1), manifest.shape, manifest.dtype, indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._maps is None:
+            self._maps = (
+                _open_map(self.input_path, self.shape, self.dtype),
+                _open_map(self.target_path, self.shape, self.dtype),
+            )
+        sample = self.indices[k]
+        x_map, y_map = self._maps
+        return _from_storage(np.array(x_map[sample]), self.dtype), _from_storage(np.array(y_map[sample]), self.dtype)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_maps"] = None  # maps are per process
+        return state

@@ -1,0 +1,597 @@
+"""The deployable on-disk format of a folded model, and its loader.
+
+A saved directory holds:
+
+* ``config.json`` (and ``generation_config.json``): the transformers config.
+* the tokenizer's files, when one is given.
+* ``model.safetensors``: every tensor the folded model needs, named as in its
+  ``state_dict``. A quantized linear's ``codes`` are bit-packed (``pack_codes``,
+  1-D uint8); its ``scale`` and ``zero`` are stored in the smallest lossless
+  form (``zero`` as uint8 when it holds small integers only, as symmetric
+  grids do; either as fp16 when every value is fp16-representable, as HQQ's
+  are) and cast back to their recorded dtype on load, so a reload is exact. Tensors that are one object in the model (q/k/v's shared transform,
+  tied embeddings) are stored once; the others are listed as ``aliases``.
+  Weightless norms (``γ = 1``) and head-mode ``R_o`` vectors (merged into
+  ``v_proj``/``o_proj`` at fold time) are left out: the loader rebuilds them.
+* ``quantization_config.json``: format name and version, the package version,
+  the ``BlockQuantConfig``, per-layer rotation sizes and per-linear bits,
+  group size and shape, aliases, and the byte size and sha256 of
+  ``model.safetensors`` (checked before anything is loaded).
+
+Packing (``pack_codes``): ``b``-bit codes (``b ≤ 7``) are taken 8 at a time;
+8 codes fill exactly ``b`` bytes. Code ``i`` of a group occupies bits
+``[i·b, (i+1)·b)`` of a little-endian ``8b``-bit word, so for ``b ∈ {1, 2, 4}``
+this is the usual "first code in the low bits of the byte" layout. 8-bit
+codes are stored as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+from .block import HHDecoderBlock, BlockQuantConfig, wrap_model
+from .linear import FoldedLinear
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "QUANT_CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "load_quantized",
+    "pack_codes",
+    "packed_numel",
+    "quantized_weight_bytes",
+    "save_quantized",
+    "unpack_codes",
+]
+
+FORMAT_NAME = "hh_lightning"
+FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+QUANT_CONFIG_NAME = "quantization_config.json"
+ROTATION_NAMES = ("qkv", "o", "upgate", "down", "kv")
+
+# 8 codes of b bits fill exactly b bytes, for every b.
+_CODES_PER_WORD = 8
+
+
+# --------------------------------------------------------------------------
+# Bit packing
+# --------------------------------------------------------------------------
+def _check_pack_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits={bits!r} cannot be packed: use an integer in 1..8")
+
+
+def packed_numel(numel: int, bits: int) -> int:
+    """Bytes that ``numel`` codes of ``bits`` bits take once packed."""
+    _check_pack_bits(bits)
+    if bits == 8:
+        return numel
+    words = -(-numel // _CODES_PER_WORD)
+    return words * bits
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack uint8 ``codes`` (any shape, values in ``[0, 2**bits)``) densely into 1-D uint8.
+
+    Returns ``packed_numel(codes.numel(), bits)`` bytes; the shape is not
+    stored (``unpack_codes`` takes it). The tail is zero-padded to a multiple
+    of 8 codes.
+    """
+    _check_pack_bits(bits)
+    if codes.dtype != torch.uint8:
+        raise ValueError(f"codes must be uint8, got {codes.dtype}")
+    flat = codes.detach().reshape(-1)
+    if flat.numel() and int(flat.max()) >= 2**bits:
+        raise ValueError(f"codes hold {int(flat.max())}, which does not fit in {bits} bits")
+    if bits == 8:
+        return flat.clone()
+    padding = (-flat.numel()) % _CODES_PER_WORD
+    if padding:
+        flat = torch.cat([flat, flat.new_zeros(padding)])
+    groups = flat.reshape(-1, _CODES_PER_WORD)
+    # Accumulate one int64 word per group (8·bits ≤ 56 bits); the loops run over
+    # the 8 code slots and the ≤ 7 bytes of a word, never over elements.
+    words = torch.zeros(groups.shape[0], dtype=torch.int64, device=flat.device)
+    for slot in range(_CODES_PER_WORD):
+        words |= groups[:, slot].to(torch.int64) << (slot * bits)
+    packed = torch.empty(groups.shape[0], bits, dtype=torch.uint8, device=flat.device)
+    for byte in range(bits):
+        packed[:, byte] = ((words >> (8 * byte)) & 0xFF).to(torch.uint8)
+    return packed.reshape(-1)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+    """Inverse of ``pack_codes``: uint8 codes of ``shape`` from 1-D packed bytes."""
+    _check_pack_bits(bits)
+    shape = tuple(int(size) for size in shape)
+    numel = 1
+    for size in shape:
+        numel *= size
+    if packed.dtype != torch.uint8 or packed.dim() != 1:
+        raise ValueError(f"packed codes must be 1-D uint8, got {packed.dtype} of shape {tuple(packed.shape)}")
+    expected = packed_numel(numel, bits)
+    if packed.numel() != expected:
+        raise ValueError(f"{packed.numel()} packed bytes do not hold {numel} codes of {bits} bits "
+                         f"(expected {expected} bytes)")
+    if bits == 8:
+        return packed.reshape(shape).clone()
+    groups = packed.reshape(-1, bits)
+    words = torch.zeros(groups.shape[0], dtype=torch.int64, device=packed.device)
+    for byte in range(bits):
+        words |= groups[:, byte].to(torch.int64) << (8 * byte)
+    mask = 2**bits - 1
+    codes = torch.empty(groups.shape[0], _CODES_PER_WORD, dtype=torch.uint8, device=packed.device)
+    for slot in range(_CODES_PER_WORD):
+        codes[:, slot] = ((words >> (slot * bits)) & mask).to(torch.uint8)
+    return codes.reshape(-1)[:numel].reshape(shape)
+
+
+# --------------------------------------------------------------------------
+# Model introspection
+# --------------------------------------------------------------------------
+def _decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no model.layers: expected a transformers causal LM "
+                         "(Qwen2 or Llama)")
+    return layers
+
+
+def _folded_blocks(model: nn.Module) -> dict[str, HHDecoderBlock]:
+    """``{state_dict prefix: block}`` for every decoder layer; refuses anything not folded."""
+    layers = _decoder_layers(model)
+    if len(layers) == 0:
+        raise ValueError("the model has no decoder layers to save")
+    prefixes = {id(module): name for name, module in model.named_modules()}
+    blocks: dict[str, HHDecoderBlock] = {}
+    for index, layer in enumerate(layers):
+        name = prefixes[id(layer)]
+        if not isinstance(layer, HHDecoderBlock):
+            raise ValueError(f"layer {index} ({name}) is a {type(layer).__name__}, not an HHDecoderBlock: "
+                             "wrap the model with wrap_model() and fold every block before saving")
+        if not layer.is_folded:
+            unfolded = [linear for linear, module in layer.linears.items() if not isinstance(module, FoldedLinear)]
+            raise ValueError(f"layer {index} ({name}) is not folded ({', '.join(unfolded)} still unfolded): "
+                             "call block.fold_() on every block before saving")
+        blocks[name] = layer
+    return blocks
+
+
+def _rebuilt_keys(prefix: str, block: HHDecoderBlock) -> set[str]:
+    """Keys of ``block`` the loader rebuilds itself, so the file need not hold them."""
+    keys = {f"{prefix}.input_norm.weight", f"{prefix}.post_attention_norm.weight"}
+    if block.quant.o_rotation == "head" and block.o_rotation is not None:
+        keys.add(f"{prefix}.o_rotation.vectors")  # merged into v_proj/o_proj by fold()
+    return keys
+
+
+def _is_all_ones(tensor: torch.Tensor) -> bool:
+    return bool(torch.all(tensor == 1))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _identity(tensor: torch.Tensor) -> tuple[Any, ...] | None:
+    """Key equal for two tensors exactly when they are the same view of the same memory."""
+    if tensor.numel() == 0:
+        return None
+    return (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+            tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+
+
+def _linear_entry(module: FoldedLinear) -> dict[str, Any]:
+    entry: dict[str, Any] = {"shape": [module.out_features, module.in_features], "bits": module.bits,
+                             "quantized": module.codes is not None}
+    if module.codes is not None:
+        entry["group_size"] = module.group_size
+        entry["scale_dtype"] = _dtype_name(module.scale.dtype)
+        entry["zero_dtype"] = _dtype_name(module.zero.dtype)
+    return entry
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """The smallest lossless stored form of a scale or zero: uint8, fp16, or itself.
+
+    Symmetric grids have integer zeros (``2^(bits-1)``): one byte each.
+    HQQ's scales and zeros are fp16-representable (``weight_only``): two bytes.
+    The loader casts back to the dtype recorded in the metadata.
+    """
+    tensor = tensor.detach().cpu()
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return tensor
+    if bool(torch.all((tensor == tensor.round()) & (tensor >= 0) & (tensor <= 255))):
+        return tensor.to(torch.uint8)
+    if tensor.dtype in (torch.float32, torch.float64) and torch.equal(tensor.half().to(tensor.dtype), tensor):
+        return tensor.half()
+    return tensor
+
+
+# --------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a directory entry) to disk; best effort where the OS cannot."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _write_json(path: Path, values: dict[str, Any]) -> None:
+    with open(path, "w") as handle:
+        json.dump(values, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+
+
+def _replace_directory(staging: Path, directory: Path) -> None:
+    """Move the complete ``staging`` to ``directory``; an old ``directory`` is renamed aside first.
+
+    At every instant the final name holds either the complete old or the
+    complete new content (or, between two renames, nothing).
+    """
+    if not (directory.exists() or directory.is_symlink()):
+        os.replace(staging, directory)
+        return
+    if not directory.is_dir() or directory.is_symlink():
+        raise FileExistsError(f"{directory} exists and is not a directory; not replacing it")
+    aside = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:12]}"
+    os.replace(directory, aside)
+    try:
+        os.replace(staging, directory)
+    except BaseException:
+        os.replace(aside, directory)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _read_quant_config(directory: Path) -> dict[str, Any]:
+    path = directory / QUANT_CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {directory} is not a saved hh_lightning model")
+    try:
+        with open(path) as handle:
+            meta = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); the file is corrupted") from error
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: format={meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version={meta.get('format_version')!r} is newer than this "
+                         f"hh_lightning ({__version__}) reads (≤ {FORMAT_VERSION})")
+    return meta
+
+
+def _verify_weights(path: Path, record: dict[str, Any]) -> None:
+    """Check byte size, then sha256, against the record; raise naming ``path``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        raise ValueError(f"{path} has {size} bytes, expected {record['bytes']}: the file is truncated or corrupted")
+    digest = _sha256(path)
+    if digest != record["sha256"]:
+        raise ValueError(f"{path} sha256 {digest} does not match the recorded {record['sha256']}: "
+                         "the file is corrupted")
+
+
+def _read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file (tensor dtypes, shapes and byte offsets)."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{path} is too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", prefix)
+        raw = handle.read(length)
+    if len(raw) != length:
+        raise ValueError(f"{path}: truncated safetensors header")
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: corrupted safetensors header ({error})") from error
+
+
+# --------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------
+def _collect_tensors(model: nn.Module, blocks: dict[str, HHDecoderBlock]
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[dict[str, Any]]]:
+    """The tensors to write, the aliases, and per-layer metadata."""
+    folded = {f"{prefix}.linears.{name}": module for prefix, block in blocks.items()
+              for name, module in block.linears.items()}
+    rebuilt: set[str] = set()
+    for prefix, block in blocks.items():
+        rebuilt |= _rebuilt_keys(prefix, block)
+
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    first_of: dict[tuple[Any, ...], str] = {}
+    for key, value in state.items():
+        if key in rebuilt and (not key.endswith("norm.weight") or _is_all_ones(value)):
+            continue
+        identity = _identity(value)
+        if identity is not None and identity in first_of:
+            aliases[key] = first_of[identity]
+            continue
+        if identity is not None:
+            first_of[identity] = key
+        owner, _, leaf = key.rpartition(".")
+        module = folded.get(owner)
+        if module is not None and leaf == "codes":
+            value = pack_codes(value.cpu(), module.bits)
+        elif module is not None and leaf in ("scale", "zero"):
+            value = _compact(value)
+        tensors[key] = value.detach().cpu().contiguous()
+
+    # safetensors refuses distinct entries over one storage (e.g. views); give those their own copy.
+    owners: dict[int, str] = {}
+    for key, value in tensors.items():
+        if value.numel() == 0:
+            continue
+        pointer = value.untyped_storage().data_ptr()
+        if pointer in owners:
+            tensors[key] = value.clone()
+        else:
+            owners[pointer] = key
+
+    layers_meta = []
+    for prefix, block in blocks.items():
+        entry: dict[str, Any] = {
+            "prefix": prefix,
+            "rotations": {name: {"dim": rotation.dim, "reflections": rotation.num_reflections}
+                          for name, rotation in block.rotations().items()},
+            "linears": {name: _linear_entry(module) for name, module in block.linears.items()},
+        }
+        layers_meta.append(entry)
+    return tensors, aliases, layers_meta
+
+
+def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None,
+                   extra_metadata: dict[str, Any] | None = None) -> Path:
+    """Write a folded model to ``directory`` (replacing it atomically); returns its path.
+
+    ``model``: a transformers causal LM (Qwen2/Llama) whose every decoder
+    layer is an ``HHDecoderBlock`` after ``fold_()``. ``tokenizer``: saved
+    alongside when given. ``extra_metadata``: JSON-serializable, stored
+    under ``"extra"`` in ``quantization_config.json``.
+
+    Everything is written to a hidden sibling directory first and renamed
+    into place at the end, so a crash never leaves a partial directory
+    under the final name.
+    """
+    # abspath, not resolve: "." gets a real name, and a symlink is refused rather than followed.
+    directory = Path(os.path.abspath(directory))
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        raise FileExistsError(f"{directory} exists and is not a directory; not replacing it")
+    blocks = _folded_blocks(model)
+    extra = dict(extra_metadata or {})
+    try:
+        json.dumps(extra)
+    except TypeError as error:
+        raise ValueError(f"extra_metadata must be JSON-serializable: {error}") from error
+
+    tensors, aliases, layers_meta = _collect_tensors(model, blocks)
+    first_block = next(iter(blocks.values()))
+    global_quant = first_block.quant.to_dict()
+    for entry, block in zip(layers_meta, blocks.values()):
+        if block.quant.to_dict() != global_quant:
+            entry["block_quant_config"] = block.quant.to_dict()
+    embedding = model.get_input_embeddings().weight
+
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:12]}"
+    staging.mkdir()
+    try:
+        model.config.save_pretrained(staging)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        weights = staging / WEIGHTS_NAME
+        save_file(tensors, weights, metadata={"format": "pt"})
+        _fsync(weights)
+        meta = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "hh_lightning_version": __version__,
+            "model_type": model.config.model_type,
+            "dtype": _dtype_name(embedding.dtype),
+            "block_quant_config": global_quant,
+            "layers": layers_meta,
+            "aliases": aliases,
+            "files": {WEIGHTS_NAME: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}},
+            "extra": extra,
+        }
+        _write_json(staging / QUANT_CONFIG_NAME, meta)
+        _fsync(staging / QUANT_CONFIG_NAME)
+        _fsync(staging)
+        _replace_directory(staging, directory)
+        _fsync(directory.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return directory
+
+
+# --------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------
+def _loading_config(saved: dict[str, Any], rotations: dict[str, dict[str, int]]) -> BlockQuantConfig:
+    """A config that builds a block with the saved rotation sizes and no costly init.
+
+    The vectors are read from the file, so the rotations start as identity
+    (``hadamard``'s QR or a PCA would be wasted work) with the recorded counts.
+    """
+    values = dict(saved)
+    values["rotation_init"] = "identity"
+    for name in ROTATION_NAMES:
+        values[f"{name}_reflections"] = rotations[name]["reflections"] if name in rotations else 0
+    return BlockQuantConfig.from_dict(values)
+
+
+def _set_linear_buffers(module: FoldedLinear, entry: dict[str, Any], key: str,
+                        tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Give ``module`` the file's tensors (shapes and bits may differ from what fold() built)."""
+    def take(leaf: str) -> torch.Tensor | None:
+        # A copy: the module keeps it, and it must not depend on the file's memory map.
+        tensor = tensors.get(f"{key}.{leaf}")
+        return None if tensor is None else tensor.clone()
+
+    out_features, in_features = entry["shape"]
+    if (out_features, in_features) != (module.out_features, module.in_features):
+        raise ValueError(f"{path}: {key} is {out_features}x{in_features} in the file but "
+                         f"{module.out_features}x{module.in_features} in the model built from config.json")
+    bits = int(entry["bits"])
+    module.bits = bits
+    module.bias = take("bias")
+    if entry["quantized"]:
+        packed, scale, zero = take("codes"), take("scale"), take("zero")
+        if packed is None or scale is None or zero is None:
+            raise ValueError(f"{path}: codes, scale or zero of {key} are missing")
+        codes = unpack_codes(packed, bits, (out_features, in_features))
+        scale = scale.to(_dtype_from_name(entry["scale_dtype"]))
+        zero = zero.to(_dtype_from_name(entry["zero_dtype"]))
+        tensors[f"{key}.codes"], tensors[f"{key}.scale"], tensors[f"{key}.zero"] = codes, scale, zero
+        module.weight, module.codes, module.scale, module.zero = None, codes, scale, zero
+    else:
+        weight = take("weight")
+        if weight is None:
+            raise ValueError(f"{path}: the weight of {key} is missing")
+        module.weight, module.codes, module.scale, module.zero = weight, None, None, None
+
+
+def load_quantized(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild a runnable folded model saved by ``save_quantized``.
+
+    Checks ``model.safetensors`` against its recorded size and sha256 first
+    (a ``ValueError`` naming the file otherwise), builds the transformers
+    model from the saved config (no download), wraps and folds every layer,
+    then loads the tensors. Returns the model in eval mode on ``device``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    directory = Path(directory)
+    meta = _read_quant_config(directory)
+    weights_path = directory / WEIGHTS_NAME
+    record = meta.get("files", {}).get(WEIGHTS_NAME)
+    if not isinstance(record, dict) or not {"bytes", "sha256"} <= set(record):
+        raise ValueError(f"{directory / QUANT_CONFIG_NAME} has no size/sha256 record for {WEIGHTS_NAME}")
+    _verify_weights(weights_path, record)
+
+    config = AutoConfig.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_config(config, dtype=_dtype_from_name(meta["dtype"]))
+    layers = _decoder_layers(model)
+    if len(layers) != len(meta["layers"]):
+        raise ValueError(f"{directory / QUANT_CONFIG_NAME} describes {len(meta['layers'])} layers, "
+                         f"the config has {len(layers)}")
+    saved_configs = []
+    for index, entry in enumerate(meta["layers"]):
+        saved = entry.get("block_quant_config", meta["block_quant_config"])
+        wrap_model(model, _loading_config(saved, entry["rotations"]), layer_indices=[index])
+        block = layers[index]
+        block.fold_()
+        saved_configs.append(BlockQuantConfig.from_dict(saved))
+
+    try:
+        tensors = load_file(weights_path)
+    except Exception as error:  # safetensors raises its own error types
+        raise ValueError(f"{weights_path} could not be read: {error}") from error
+    for alias, canonical in meta.get("aliases", {}).items():
+        if canonical not in tensors:
+            raise ValueError(f"{weights_path}: alias {alias} points at missing tensor {canonical}")
+        tensors[alias] = tensors[canonical]
+
+    rebuilt: set[str] = set()
+    for index, entry in enumerate(meta["layers"]):
+        block, prefix = layers[index], entry["prefix"]
+        block.quant = saved_configs[index]
+        rebuilt |= _rebuilt_keys(prefix, block)
+        for name, linear_entry in entry["linears"].items():
+            _set_linear_buffers(block.linears[name], linear_entry, f"{prefix}.linears.{name}", tensors,
+                                weights_path)
+
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = sorted(set(missing) - rebuilt)
+    if missing or unexpected:
+        raise ValueError(f"{weights_path} does not match the model: missing {missing[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    if (directory / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.to(device).eval()
+
+
+# --------------------------------------------------------------------------
+# Sizes
+# --------------------------------------------------------------------------
+def quantized_weight_bytes(directory: str | os.PathLike) -> dict[str, Any]:
+    """Bytes of the quantized linears' weights in a saved model, against fp16.
+
+    Counts packed codes + scales + zeros of every quantized linear (biases
+    excluded), compared with ``2 · out · in`` bytes for the same weights in
+    fp16. Returns ``{"quantized_bytes", "fp16_bytes", "ratio", "by_bits":
+    {bits: {"quantized_bytes", "fp16_bytes", "ratio"}}}``.
+    """
+    directory = Path(directory)
+    meta = _read_quant_config(directory)
+    header = _read_safetensors_header(directory / WEIGHTS_NAME)
+    aliases = meta.get("aliases", {})
+
+    def nbytes(key: str) -> int:
+        start, end = header[aliases.get(key, key)]["data_offsets"]
+        return end - start
+
+    by_bits: dict[int, dict[str, Any]] = {}
+    for entry in meta["layers"]:
+        for name, linear in entry["linears"].items():
+            if not linear["quantized"]:
+                continue
+            key = f"{entry['prefix']}.linears.{name}"
+            totals = by_bits.setdefault(int(linear["bits"]), {"quantized_bytes": 0, "fp16_bytes": 0})
+            totals["quantized_bytes"] += sum(nbytes(f"{key}.{leaf}") for leaf in ("codes", "scale", "zero"))
+            totals["fp16_bytes"] += 2 * linear["shape"][0] * linear["shape"][1]
+    for totals in by_bits.values():
+        totals["ratio"] = totals["quantized_bytes"] / totals["fp16_bytes"]
+    quantized = sum(totals["quantized_bytes"] for totals in by_bits.values())
+    fp16 = sum(totals["fp16_bytes"] for totals in by_bits.values())
+    return {"quantized_bytes": quantized, "fp16_bytes": fp16, "ratio": quantized / fp16 if fp16 else 0.0,
+            "by_bits": dict(sorted(by_bits.items()))}

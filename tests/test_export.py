@@ -1,0 +1,196 @@
+"""The on-disk format: bit packing, save → load round trips, integrity checks, sizes."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from hh_lightning import __version__
+from hh_lightning.block import BlockQuantConfig, wrap_model
+from hh_lightning.export import (QUANT_CONFIG_NAME, WEIGHTS_NAME, load_quantized, pack_codes, packed_numel,
+                                 quantized_weight_bytes, save_quantized, unpack_codes)
+from tiny_models import tiny_model
+
+OFF = dict(w_bits=16, a_bits=16, kv_bits=16)
+# Large enough that per-channel scales don't dominate the byte count.
+SIZES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    # Tensors here are tiny: on a shared 2-core machine, intra-op threads waiting on each
+    # other cost 10x more than they save (measured: ~100 s vs ~20 s for these tests).
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------------ packing
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 7, 8])
+@pytest.mark.parametrize("shape", [(0,), (1,), (7,), (3, 5), (17, 33), (64, 128)])
+def test_pack_round_trip(bits, shape) -> None:
+    generator = torch.Generator().manual_seed(bits)
+    codes = torch.randint(0, 2**bits, shape, generator=generator).to(torch.uint8)
+    packed = pack_codes(codes, bits)
+    numel = codes.numel()
+    assert packed.dtype == torch.uint8 and packed.dim() == 1
+    assert packed.numel() == packed_numel(numel, bits)
+    assert packed.numel() == (numel if bits == 8 else -(-numel // 8) * bits)
+    assert torch.equal(unpack_codes(packed, bits, shape), codes)
+
+
+def test_pack_layout_is_dense_low_bits_first() -> None:
+    codes = torch.tensor([1, 2, 3, 4, 5, 6, 7, 0], dtype=torch.uint8)
+    assert pack_codes(codes, 4).tolist() == [0x21, 0x43, 0x65, 0x07]
+    assert pack_codes(codes % 4, 2).tolist() == [1 | 2 << 2 | 3 << 4 | 0 << 6, 1 | 2 << 2 | 3 << 4 | 0 << 6]
+    word = sum(int(code) << (3 * slot) for slot, code in enumerate(codes))
+    assert pack_codes(codes, 3).tolist() == [(word >> (8 * byte)) & 0xFF for byte in range(3)]
+
+
+def test_pack_rejects_bad_input() -> None:
+    with pytest.raises(ValueError, match="does not fit in 3 bits"):
+        pack_codes(torch.tensor([8], dtype=torch.uint8), 3)
+    with pytest.raises(ValueError, match="uint8"):
+        pack_codes(torch.tensor([1]), 4)
+    with pytest.raises(ValueError, match="expected 2 bytes"):
+        unpack_codes(torch.zeros(3, dtype=torch.uint8), 2, (5,))
+
+
+# ---------------------------------------------------------- W4A4KV4 model
+def _w4a4_model(model_type: str) -> nn.Module:
+    """A PCA-initialized, folded W4A4KV4 model (Qwen2: head R_o, tied; Llama: full R_o, untied lm_head)."""
+    model = tiny_model(model_type, **SIZES)
+    if model_type == "llama":
+        model.config.tie_word_embeddings = False
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone() + 0.01)
+    quant = BlockQuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_init="minmax", qkv_reflections=16,
+                             upgate_reflections=16, down_reflections=16, kv_reflections=None,
+                             o_rotation="head" if model_type == "qwen2" else "full", o_reflections=8,
+                             smoothing=model_type == "llama")
+    wrap_model(model, quant)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model.model.embed_tokens(tokens)
+        for block in model.model.layers:
+            block.init_rotations_pca_(block.collect_statistics(hidden))
+            block.initialize_weight_quantizers()
+            block.fold_()
+            hidden = block(hidden)
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=["qwen2", "llama"])
+def saved(request, tmp_path_factory):
+    model = _w4a4_model(request.param)
+    directory = save_quantized(model, tmp_path_factory.mktemp(request.param) / "quantized",
+                               extra_metadata={"note": "test"})
+    return model, directory
+
+
+def _logits(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def test_reload_gives_identical_logits(saved) -> None:
+    model, directory = saved
+    loaded = load_quantized(directory)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(1))
+    reference = _logits(model, tokens)
+    assert torch.allclose(_logits(loaded, tokens), reference, atol=1e-5, rtol=0)
+    assert all(block.is_folded for block in loaded.model.layers)
+    assert loaded.config.tie_word_embeddings == model.config.tie_word_embeddings
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == model.config.tie_word_embeddings
+
+
+def test_generate_runs_on_loaded_model(saved) -> None:
+    model, directory = saved
+    loaded = load_quantized(directory)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 6), generator=torch.Generator().manual_seed(2))
+    settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    generated = loaded.generate(prompt, **settings)
+    assert generated.shape == (1, 11)
+    # KV-cache decoding must agree with the saved model's and with recomputing without a cache.
+    assert torch.equal(generated, model.generate(prompt, **settings))
+    assert torch.equal(generated, loaded.generate(prompt, use_cache=False, **settings))
+
+
+def test_w4_weights_take_under_0p3_of_fp16(saved) -> None:
+    _, directory = saved
+    sizes = quantized_weight_bytes(directory)
+    assert set(sizes["by_bits"]) == {4}
+    assert sizes["ratio"] <= 0.3, sizes
+    # Packed codes alone are a quarter of fp16; per-channel scales + uint8 zeros add ~2% at in=128.
+    assert sizes["ratio"] >= 0.25
+
+
+def test_quantization_config_records_format(saved) -> None:
+    model, directory = saved
+    meta = json.loads((directory / QUANT_CONFIG_NAME).read_text())
+    assert meta["hh_lightning_version"] == __version__
+    assert meta["block_quant_config"] == model.model.layers[0].quant.to_dict()
+    assert meta["extra"] == {"note": "test"}
+    assert meta["files"][WEIGHTS_NAME]["bytes"] == (directory / WEIGHTS_NAME).stat().st_size
+    layer = meta["layers"][0]
+    assert layer["linears"]["down_proj"] == {"shape": [128, 256], "bits": 4, "quantized": True,
+                                             "group_size": None, "scale_dtype": "float32",
+                                             "zero_dtype": "float32"}
+    assert layer["rotations"]["qkv"] == {"dim": 128, "reflections": 16}
+    assert layer["rotations"]["kv"] == {"dim": 32, "reflections": 32}
+    assert (directory / "config.json").is_file()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_weights_are_refused_naming_the_file(saved, tmp_path, damage) -> None:
+    _, directory = saved
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(directory, copy_dir)
+    weights = copy_dir / WEIGHTS_NAME
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) - 100]
+    else:
+        data[len(data) // 2] ^= 0x10
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=str(weights).replace(".", r"\.")):
+        load_quantized(copy_dir)
+
+
+# ------------------------------------------------------------- refusals
+def test_save_refuses_unfolded_or_unwrapped_layers(tmp_path) -> None:
+    model = tiny_model("qwen2")
+    with pytest.raises(ValueError, match=r"layer 0 \(model\.layers\.0\) is a Qwen2DecoderLayer"):
+        save_quantized(model, tmp_path / "out")
+    wrap_model(model, BlockQuantConfig(**OFF, rotation_init="random"))
+    model.model.layers[0].fold_()
+    with pytest.raises(ValueError, match=r"layer 1 \(model\.layers\.1\) is not folded"):
+        save_quantized(model, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+class _BrokenTokenizer:
+    def save_pretrained(self, directory) -> None:
+        raise OSError("disk full")
+
+
+def test_save_replaces_directory_and_a_failed_save_keeps_the_old_one(tmp_path) -> None:
+    model = tiny_model("llama")
+    wrap_model(model, BlockQuantConfig(w_bits=4, a_bits=16, kv_bits=16, w_init="minmax",
+                                       rotation_init="random", qkv_reflections=8, upgate_reflections=8,
+                                       down_reflections=8, o_reflections=4))
+    for block in model.model.layers:
+        block.fold_()
+    target = tmp_path / "model"
+    save_quantized(model, target, extra_metadata={"run": 1})
+    save_quantized(model, target, extra_metadata={"run": 2})
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
+    assert json.loads((target / QUANT_CONFIG_NAME).read_text())["extra"] == {"run": 2}
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(model, target, tokenizer=_BrokenTokenizer(), extra_metadata={"run": 3})
+    assert [path.name for path in tmp_path.iterdir()] == ["model"]
+    assert json.loads((target / QUANT_CONFIG_NAME).read_text())["extra"] == {"run": 2}
+    tokens = torch.randint(0, 128, (1, 9))
+    assert torch.allclose(_logits(load_quantized(target), tokens), _logits(model, tokens), atol=1e-5, rtol=0)

@@ -1,0 +1,191 @@
+"""train.py fit end to end on a tiny model: run, rerun, resume after SIGKILL, layer-parallel, bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from hh_lightning.block import BlockQuantConfig
+from hh_lightning.cli import main
+from hh_lightning.datamodule import BlockActivationDataModule
+from hh_lightning.module import HHBlockModule, OptimConfig
+from hh_lightning.pipeline import PipelineConfig, QuantizationRun
+from tiny_models import WIKITEXT_DIR, save_tiny_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(not (WIKITEXT_DIR / "wiki.test.raw").is_file(), reason="needs WikiText-2 raw")
+
+QUANT = dict(qkv_reflections=8, upgate_reflections=8, down_reflections=8, kv_bits=4, kv_reflections=None)
+
+
+def make_config(tmp: Path, model_dir: Path, run_name: str, **pipeline) -> dict:
+    return {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 3, "enable_progress_bar": False,
+                    "log_every_n_steps": 1},
+        "model": {"quant": QUANT, "optim": {"lr_transforms": 0.01, "lr_clips": 0.05}},
+        "data": {"model": str(model_dir), "data_dir": str(WIKITEXT_DIR), "n_samples": 4, "val_samples": 2,
+                 "seq_len": 32, "batch_size": 2, "cache_dir": str(tmp / "cache")},
+        "pipeline": {"run_dir": str(tmp / run_name), "eval_seq_len": 32, "eval_windows": 2, **pipeline},
+    }
+
+
+def write_config(tmp: Path, config: dict, name: str) -> Path:
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_from_config(config: dict) -> QuantizationRun:
+    """The same run the CLI builds, from plain Python objects (no parsing)."""
+    return QuantizationRun(
+        HHBlockModule(quant=BlockQuantConfig(**config["model"]["quant"]), optim=OptimConfig(**config["model"]["optim"])),
+        BlockActivationDataModule(**config["data"]), dict(config["trainer"]), PipelineConfig(**config["pipeline"]))
+
+
+def artifact_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for path in sorted((run_dir / "layers").glob("layer_*.safetensors")):
+        tensors.update({f"{path.stem}.{k}": v for k, v in load_file(path).items()})
+    return tensors
+
+
+def assert_same_model(run_a: Path, run_b: Path) -> None:
+    a, b = artifact_tensors(run_a), artifact_tensors(run_b)
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    model_dir = save_tiny_checkpoint(tmp / "tiny-llama", "llama")
+    return tmp, model_dir
+
+
+@pytest.fixture(scope="module")
+def baseline(workspace):
+    """One uninterrupted sequential run that the other tests compare against."""
+    tmp, model_dir = workspace
+    config = make_config(tmp, model_dir, "baseline")
+    cli = main(["fit", "--config", str(write_config(tmp, config, "baseline"))])
+    return config, cli.summary
+
+
+def test_fit_writes_layers_summary_export_and_rerun_skips(workspace, baseline) -> None:
+    tmp, _ = workspace
+    config, summary = baseline
+    run_dir = Path(config["pipeline"]["run_dir"])
+    assert len(summary["layers"]) == 2
+    for layer in summary["layers"]:
+        assert layer["mse_folded"] == pytest.approx(layer["mse_final"], rel=1e-4)
+    assert summary["quantized"]["ppl"] > 1 and summary["fp"]["n_windows"] == 2
+    for name in ("summary.json", "summary.md", "layer_mse.png", "config.yaml", "run.json"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "logs" / "layer_000" / "metrics.csv").is_file()
+    stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "layers").iterdir()}
+    again = main(["fit", "--config", str(tmp / "baseline.yaml")]).summary
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "layers").iterdir()} == stamps
+    assert again["quantized"]["ppl"] == pytest.approx(summary["quantized"]["ppl"], rel=1e-6)
+
+
+def test_resume_after_sigkill_mid_layer_equals_uninterrupted(workspace, baseline) -> None:
+    tmp, model_dir = workspace
+    config = make_config(tmp, model_dir, "killed")
+    path = write_config(tmp, config, "killed")
+    run_dir = Path(config["pipeline"]["run_dir"])
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "fit", "--config", str(path)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = run_dir / "checkpoints" / "layer_001" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists(), "the run ended before layer 1 saved a checkpoint"
+    assert not (run_dir / "layers" / "layer_001.json").exists(), "killed too late: layer 1 already finished"
+    main(["fit", "--config", str(path)])
+    assert_same_model(Path(baseline[0]["pipeline"]["run_dir"]), run_dir)
+    tokens = torch.randint(0, 200, (1, 24))
+    with torch.no_grad():
+        resumed = run_from_config(config).assemble()(tokens).logits
+        reference = run_from_config(baseline[0]).assemble()(tokens).logits
+    assert torch.allclose(resumed, reference, atol=1e-5)
+
+
+def test_layer_parallel_two_cpu_workers_equal_sequential(workspace, baseline) -> None:
+    tmp, model_dir = workspace
+    config = make_config(tmp, model_dir, "parallel", layer_parallel=True)
+    config["trainer"]["devices"] = 2
+    main(["fit", "--config", str(write_config(tmp, config, "parallel"))])
+    assert_same_model(Path(baseline[0]["pipeline"]["run_dir"]), Path(config["pipeline"]["run_dir"]))
+
+
+def test_launched_rank_one_trains_its_share_and_logs(workspace, baseline) -> None:
+    """As under torchrun: RANK=1 of WORLD_SIZE=2 trains layer 1 only, with its own logs."""
+    tmp, model_dir = workspace
+    config = make_config(tmp, model_dir, "torchrun", layer_parallel=True)
+    path = write_config(tmp, config, "torchrun")
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", str(path)], cwd=REPO,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = Path(config["pipeline"]["run_dir"])
+    assert (run_dir / "layers" / "layer_001.json").is_file()
+    assert not (run_dir / "layers" / "layer_000.json").exists()
+    assert (run_dir / "logs" / "layer_001" / "metrics.csv").is_file()
+
+
+def test_quantized_input_mode_runs_sequentially(workspace) -> None:
+    tmp, model_dir = workspace
+    config = make_config(tmp, model_dir, "sequential")
+    config["data"]["input_mode"] = "quantized"
+    config["trainer"]["max_epochs"] = 1
+    summary = main(["fit", "--config", str(write_config(tmp, config, "sequential"))]).summary
+    run_dir = Path(config["pipeline"]["run_dir"])
+    assert (run_dir / "quantized_inputs" / "boundary_001.bin").is_file()
+    assert len(summary["layers"]) == 2
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("model", "quant", {**QUANT, "w_bits": 9}, "weight bits=9"),
+    ("model", "quant", {**QUANT, "w_group_size": 24}, "quant.w_group_size=24 does not divide"),
+    ("model", "quant", {**QUANT, "down_reflections": 500}, "quant.down_reflections=500"),
+    ("pipeline", "layers", [0, 7], "pipeline.layers contains 7"),
+    ("data", "seq_len", 100000, "data.seq_len=100000 exceeds the model's context"),
+    ("data", "model", "/nonexistent/model", "model path not found: /nonexistent/model"),
+    ("pipeline", "layer_parallel", True, "needs data.input_mode='fp'"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace, capsys, section, key, value, message) -> None:
+    tmp, model_dir = workspace
+    config = make_config(tmp, model_dir, "bad")
+    config[section][key] = value
+    if key == "layer_parallel":
+        config["data"]["input_mode"] = "quantized"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(write_config(tmp, config, "bad"))])
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0]
+    assert not (tmp / "bad").exists()
+
+
+def test_run_dir_of_another_run_is_refused(workspace, baseline, capsys) -> None:
+    tmp, model_dir = workspace
+    config = make_config(tmp, model_dir, "baseline")
+    config["model"]["quant"] = {**QUANT, "w_bits": 3}
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(write_config(tmp, config, "other"))])
+    assert exit_info.value.code == 2
+    assert "holds another run (differs in: quant)" in capsys.readouterr().err
