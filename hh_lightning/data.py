@@ -388,11 +388,18 @@ class _BoundaryWriter:
     file works because every file is filled strictly in sample order.
     """
 
-    def __init__(self, directory: Path, n_boundaries: int, shape: tuple[int, int, int], dtype: str):
+    def __init__(
+        self, directory: Path, n_boundaries: int, shape: tuple[int, int, int], dtype: str, batch_size: int
+    ):
         self.directory = directory
         self.shape = shape
         self.dtype = dtype
         self.sample_bytes = _expected_bytes(shape[1:], dtype)
+        # One reusable CPU buffer for the dtype conversion: fresh per-write
+        # buffers, interleaved with the forward pass's own allocations, leave
+        # glibc's heap fragmented and the RSS tens of MiB higher.
+        self.staging = torch.empty((batch_size, *shape[1:]), dtype=_TORCH_STORAGE[dtype])
+        self.staging_view = self.staging.view(torch.uint16) if dtype == "bfloat16" else self.staging
         self.digests = [hashlib.sha256() for _ in range(n_boundaries)]
         self.rows_written = [0] * n_boundaries
         for index in range(n_boundaries):
@@ -409,11 +416,14 @@ class _BoundaryWriter:
                 f"{boundary_file_name(index)}: batch starts at sample {start}, "
                 f"but {self.rows_written[index]} were written (a layer ran twice or was skipped)"
             )
-        array = _to_storage(hidden, self.dtype)
-        if array.shape[1:] != self.shape[1:]:
+        if tuple(hidden.shape[1:]) != self.shape[1:] or hidden.shape[0] > self.staging.shape[0]:
             raise RuntimeError(
-                f"{boundary_file_name(index)}: hidden state shape {array.shape} does not match cache shape {self.shape}"
+                f"{boundary_file_name(index)}: hidden state shape {tuple(hidden.shape)} does not fit "
+                f"cache shape {self.shape} with batch size {self.staging.shape[0]}"
             )
+        rows = hidden.shape[0]
+        self.staging[:rows].copy_(hidden.detach())
+        array = self.staging_view[:rows].numpy()
         window = np.memmap(
             self.path(index),
             dtype=_NUMPY_STORAGE[self.dtype],
@@ -423,8 +433,8 @@ class _BoundaryWriter:
         )
         window[...] = array
         del window  # unmap now: see the class docstring
-        self.digests[index].update(array.tobytes())
-        self.rows_written[index] = start + array.shape[0]
+        self.digests[index].update(memoryview(array).cast("B"))  # no bytes copy
+        self.rows_written[index] = start + rows
 
 
 def build_activation_cache(
@@ -467,7 +477,7 @@ def build_activation_cache(
     started = time.perf_counter()
     try:
         window_record = _write_windows_file(build_dir / WINDOWS_FILE, windows)
-        writer = _BoundaryWriter(build_dir, n_layers + 1, shape, dtype)
+        writer = _BoundaryWriter(build_dir, n_layers + 1, shape, dtype, batch_size)
         batch_start = 0
 
         def input_hook(index: int):

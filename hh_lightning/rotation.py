@@ -101,24 +101,50 @@ def _triangular_factor(vectors: torch.Tensor) -> torch.Tensor:
     return torch.triu(gram, diagonal=1) + torch.diag(diagonal)
 
 
-def householder_apply(x: torch.Tensor, vectors: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+ApplyMethod = Literal["auto", "wy", "wy_vectors", "materialized"]
+
+
+def _apply_costs(rows: int, num_reflections: int, dim: int) -> dict[str, int]:
+    """Multiply-adds of each way to compute ``x R`` for ``rows`` rows (the Gram matrix, ``k²d``, is shared).
+
+    ``wy``: solve the ``n × k`` projections (``nk²``); ``wy_vectors``: solve
+    against the ``k × d`` vectors instead (``k²d``), better when ``n > d``;
+    ``materialized``: build dense ``R`` (``+ d²k``) and do one ``n × d × d`` GEMM.
+    """
+    n, k, d = rows, num_reflections, dim
+    return {"wy": n * k * k + 2 * n * d * k, "wy_vectors": k * k * d + 2 * n * d * k,
+            "materialized": k * k * d + d * d * k + n * d * d}
+
+
+def householder_apply(x: torch.Tensor, vectors: torch.Tensor, transpose: bool = False,
+                      method: ApplyMethod = "auto") -> torch.Tensor:
     """Apply ``R = H(v_k)⋯H(v_1)`` to the rows of ``x`` through the WY form.
 
     ``x``: ``(..., d)``; ``vectors``: ``(k, d)``. Returns ``x R`` (or ``x Rᵀ`` with
-    ``transpose=True``) in ``x``'s dtype. The arithmetic runs in float32 at
-    least, since the triangular solve is sensitive to bf16 rounding.
+    ``transpose=True``) in ``x``'s dtype. ``method='auto'`` picks the cheapest of
+    three exact evaluation orders by multiply-add count (``_apply_costs``). The
+    arithmetic runs in float32 at least, since the triangular solve is
+    sensitive to bf16 rounding.
     """
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     v = vectors.to(compute_dtype)
     rows = x.reshape(-1, x.shape[-1]).to(compute_dtype)
+    if method == "auto":
+        costs = _apply_costs(rows.shape[0], v.shape[0], v.shape[1])
+        method = min(costs, key=costs.__getitem__)
     factor = _triangular_factor(v)
-    projections = rows @ v.T  # (n, k) = x Y
-    # x R = x - (x Y) U⁻ᵀ Yᵀ  and  x Rᵀ = x - (x Y) U⁻¹ Yᵀ; solve z·Uᵀ = xY or z·U = xY.
-    if transpose:
-        coefficients = torch.linalg.solve_triangular(factor, projections, upper=True, left=False)
+    # x R = x - (x Y) U⁻ᵀ Yᵀ and x Rᵀ = x - (x Y) U⁻¹ Yᵀ (Y = vᵀ): the solve is against Uᵀ or U.
+    solve_factor, upper = (factor, True) if transpose else (factor.T, False)
+    if method == "wy":
+        coefficients = torch.linalg.solve_triangular(solve_factor, rows @ v.T, upper=upper, left=False)
+        out = rows - coefficients @ v
     else:
-        coefficients = torch.linalg.solve_triangular(factor.T, projections, upper=False, left=False)
-    out = rows - coefficients @ v
+        # The same product associated the other way: Z = U⁻ᵀ V (or U⁻¹ V), x R = x - (x Vᵀ) Z.
+        solved = torch.linalg.solve_triangular(solve_factor, v, upper=upper)
+        if method == "wy_vectors":
+            out = rows - (rows @ v.T) @ solved
+        else:
+            out = rows - rows @ (v.T @ solved)
     return out.reshape(x.shape).to(x.dtype)
 
 
@@ -160,6 +186,16 @@ def reflections_from_orthogonal(matrix: torch.Tensor) -> torch.Tensor:
     return vectors.to(matrix.dtype)
 
 
+def top_eigenvectors(covariance: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` leading eigenvectors of a symmetric ``(d, d)`` matrix, as rows, largest first.
+
+    float32 ``eigh``: twice as fast as float64 for ``d`` in the thousands, and
+    the flat mapping below is exact for whatever orthonormal vectors it gets.
+    """
+    _, eigenvectors = torch.linalg.eigh(covariance.float())
+    return eigenvectors[:, -count:].flip(1).T.contiguous()
+
+
 def pca_flat_reflections(covariance: torch.Tensor, num_reflections: int) -> torch.Tensor:
     """Reflection vectors mapping the top principal directions onto flat ones.
 
@@ -174,8 +210,7 @@ def pca_flat_reflections(covariance: torch.Tensor, num_reflections: int) -> torc
     dim = covariance.shape[0]
     targets = flat_targets(dim, torch.float64).to(covariance.device)
     count = min(num_reflections, targets.shape[0])
-    _, eigenvectors = torch.linalg.eigh(covariance.to(torch.float64))
-    principal = eigenvectors[:, -count:].flip(1).T  # (count, d), largest eigenvalue first
+    principal = top_eigenvectors(covariance, count).to(torch.float64)
     built: list[torch.Tensor] = []
     for index in range(count):
         mapped = principal[index]
@@ -189,6 +224,18 @@ def pca_flat_reflections(covariance: torch.Tensor, num_reflections: int) -> torc
     if not built:
         return covariance.new_zeros(0, dim)
     return torch.stack(built[::-1]).to(covariance.dtype)
+
+
+def normalize_vectors(vectors: torch.Tensor) -> torch.Tensor:
+    """Rescale each nonzero vector to norm ``√d`` (entries of order 1); ``H(v)`` is unchanged.
+
+    ``H(v)`` ignores ``|v|``, but the optimizer does not: with entries of order
+    1, a step of ``lr`` moves a reflection by about ``lr`` whatever ``d`` is.
+    """
+    norms = vectors.norm(dim=1, keepdim=True)
+    scale = torch.where(norms > 0, math.sqrt(vectors.shape[1]) / norms.clamp_min(torch.finfo(vectors.dtype).tiny),
+                        torch.zeros_like(norms))
+    return vectors * scale
 
 
 def identity_pairs(num_reflections: int, dim: int, generator: torch.Generator | None = None,
@@ -239,11 +286,12 @@ class HouseholderRotation(nn.Module):
         generator = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             if init == "random":
-                self.vectors.copy_(torch.randn(num_reflections, dim, generator=generator))
+                vectors = torch.randn(num_reflections, dim, generator=generator)
             elif init == "hadamard":
-                self.vectors.copy_(reflections_from_orthogonal(hadamard_like(dim, generator)))
+                vectors = reflections_from_orthogonal(hadamard_like(dim, generator))
             else:
-                self.vectors.copy_(identity_pairs(num_reflections, dim, generator))
+                vectors = identity_pairs(num_reflections, dim, generator)
+            self.vectors.copy_(normalize_vectors(vectors))
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_reflections={self.num_reflections}, init={self.init}"
@@ -260,7 +308,7 @@ class HouseholderRotation(nn.Module):
         pca = pca_flat_reflections(covariance.float(), self.num_reflections)
         rest = identity_pairs(self.num_reflections - pca.shape[0], self.dim,
                               torch.Generator().manual_seed(seed))
-        self.vectors.copy_(torch.cat([pca.to(self.vectors), rest.to(self.vectors)]))
+        self.vectors.copy_(normalize_vectors(torch.cat([pca.to(self.vectors), rest.to(self.vectors)])))
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x R`` for ``x`` of shape ``(..., d)``; also ``W ↦ W R`` for a weight."""

@@ -10,16 +10,17 @@ from hh_lightning.hqq import HQQResult, hqq_quantize, rtn_quantize
 # The reference's solver never grows beta (see the hh_lightning.hqq module notes), so
 # matching its settings means kappa = 1 on our side; everything else is its default.
 REFERENCE_SETTINGS = dict(lp_norm=0.7, beta=10.0, kappa=1.0, iters=20, early_stop=True)
-# Ours must be within this factor of the reference (brief: "no worse than × 1.01").
+# The acceptance bar: ours may be at most 1% worse than the reference in either metric.
 REFERENCE_TOLERANCE = 1.01
+STUDENT_T_DF = 3.0  # heavy tails, like the outlier-prone rows of LLM weights
 
 
 def _weight(distribution: str, shape: tuple[int, int] = (256, 512), seed: int = 0, std: float = 1.0) -> torch.Tensor:
-    """A seeded random weight: "normal", or "t3", heavy-tailed Student-t with 3 degrees of freedom."""
+    """A seeded random weight: "normal", or "t3", Student-t with STUDENT_T_DF degrees of freedom."""
     torch.manual_seed(seed)
     if distribution == "normal":
         return std * torch.randn(shape)
-    return std * torch.distributions.StudentT(3.0).sample(shape)
+    return std * torch.distributions.StudentT(STUDENT_T_DF).sample(shape)
 
 
 def _errors(weight: torch.Tensor, reconstruction: torch.Tensor) -> tuple[float, float]:
@@ -131,7 +132,12 @@ def test_invalid_settings_raise_value_error_naming_the_setting(quantize, kwargs,
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(lp_norm=1.5), "lp_norm=1.5"), (dict(beta=0.0), "beta=0.0"), (dict(kappa=0.9), "kappa=0.9"), (dict(iters=-1), "iters=-1")],
+    [
+        (dict(lp_norm=1.5), "lp_norm=1.5"),
+        (dict(beta=0.0), "beta=0.0"),
+        (dict(kappa=0.9), "kappa=0.9"),
+        (dict(iters=-1), "iters=-1"),
+    ],
 )
 def test_invalid_solver_settings_raise_value_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -182,6 +188,20 @@ def test_never_worse_than_the_literal_algorithm(std, lp_norm):
     literal = _errors(weight, _literal_hqq(weight, 3, 64, **settings))
     float_slack = 1.0 + 1e-5  # the two evaluate round() on differently rounded inputs
     assert ours[0] <= literal[0] * float_slack and ours[1] <= literal[1] * float_slack
+
+
+@pytest.mark.parametrize(
+    "std, lp_norm, kappa", [(1.0, 0.7, 1.01), (1.0, 0.7, 1.5), (1.0, 1.0, 1.5), (0.02, 0.7, 1.01)]
+)
+def test_one_group_follows_the_literal_algorithm(std, lp_norm, kappa):
+    """With a single group the per-group refinement has nothing to choose: same trajectory."""
+    weight = _weight("t3", (1, 1024), seed=5, std=std)
+    settings = dict(lp_norm=lp_norm, beta=10.0, kappa=kappa, iters=20)
+    ours = _errors(weight, hqq_quantize(weight, 3, None, **settings).dequantize())
+    literal = _errors(weight, _literal_hqq(weight, 3, 1024, **settings))
+    # Float rounding (W/scale here vs. the literal's order of operations) may flip a
+    # code on a rounding tie; a wrong beta schedule moves these errors by percents.
+    assert ours == pytest.approx(literal, rel=1e-4)
 
 
 def test_default_settings_beat_rtn():

@@ -13,6 +13,7 @@ from hh_lightning.rotation import (
     householder_apply_loop,
     householder_matrix,
     power_of_two_factor,
+    top_eigenvectors,
 )
 
 
@@ -29,19 +30,24 @@ def _dense_product(vectors: torch.Tensor) -> torch.Tensor:
     dim = vectors.shape[1]
     r = torch.eye(dim, dtype=vectors.dtype)
     for v in vectors:  # R = H(v_k) ⋯ H(v_1): later reflections multiply on the left
+        if not v.abs().sum():
+            continue  # an inactive reflection is the identity
         r = (torch.eye(dim, dtype=vectors.dtype) - 2 * torch.outer(v, v) / (v @ v)) @ r
     return r
 
 
 @pytest.mark.parametrize("transpose", [False, True])
-def test_wy_matches_dense_and_loop_forward_and_backward(transpose: bool) -> None:
+@pytest.mark.parametrize("method", ["wy", "wy_vectors", "materialized", "auto"])
+def test_wy_matches_dense_and_loop_forward_and_backward(transpose: bool, method: str) -> None:
     torch.manual_seed(0)
     dim, k = 48, 20
-    vectors = torch.randn(k, dim, dtype=torch.float64, requires_grad=True)
+    vectors = torch.randn(k, dim, dtype=torch.float64)
+    vectors[3] = 0.0  # an inactive reflection among active ones
+    vectors.requires_grad_(True)
     x = torch.randn(3, 5, dim, dtype=torch.float64, requires_grad=True)
     dense = _dense_product(vectors)
     expected = x @ (dense.T if transpose else dense)
-    wy = householder_apply(x, vectors, transpose=transpose)
+    wy = householder_apply(x, vectors, transpose=transpose, method=method)
     loop = householder_apply_loop(x, vectors, transpose=transpose)
     assert torch.allclose(wy, expected, atol=1e-12)
     assert torch.allclose(loop, expected, atol=1e-12)
@@ -118,8 +124,7 @@ def test_pca_init_flattens_top_directions(dim: int, k: int) -> None:
     covariance = x.T @ x / x.shape[0]
     rotation = HouseholderRotation(dim, k, init="pca")
     rotation.init_pca_(covariance)
-    _, eigenvectors = torch.linalg.eigh(covariance.double())
-    top = eigenvectors[:, -k:].T.float()  # row vectors u_i
+    top = top_eigenvectors(covariance, k)  # row vectors u_i, as the init computes them
     mapped = rotation.rotate(top).detach()
     assert (mapped.abs().amax(dim=1) * math.sqrt(dim) - 1).abs().max() < 1e-4
     assert (mapped.abs().amin(dim=1) * math.sqrt(dim) - 1).abs().max() < 1e-4
@@ -138,6 +143,17 @@ def test_bad_settings_raise() -> None:
         HouseholderRotation(64, 4, init="nope")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="covariance shape"):
         HouseholderRotation(8, 2, init="pca").init_pca_(torch.eye(9))
+
+
+def test_auto_method_picks_the_cheapest_order() -> None:
+    from hh_lightning.rotation import _apply_costs
+
+    costs = _apply_costs(rows=16, num_reflections=64, dim=896)
+    assert min(costs, key=costs.get) == "wy"  # few rows (decoding): solve the n × k projections
+    costs = _apply_costs(rows=2048, num_reflections=64, dim=896)
+    assert min(costs, key=costs.get) == "wy_vectors"  # n > d: solve against the vectors once
+    costs = _apply_costs(rows=2048, num_reflections=576, dim=576)
+    assert min(costs, key=costs.get) == "materialized"  # many rows, k = d: one dense GEMM wins
 
 
 def test_householder_matrix_matches_dense_product() -> None:
