@@ -6,6 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
 CONFIG ?= configs/demo.yaml
+# WikiText-2 raw on these machines; elsewhere set HH_DATA_DIR or let the hub serve it.
+HH_DATA_DIR ?= $(wildcard $(abspath ../shared/data/wikitext-2-raw))
+export HH_DATA_DIR
 
 .PHONY: demo test install
 

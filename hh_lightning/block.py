@@ -33,6 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
 
+from .models import SUPPORTED_MODEL_TYPES, check_supported
 from .linear import FoldedLinear, HHLinear, InputTransform, rotate_blocks
 from .quantizers import OFF_BITS, ActivationQuantizer, WeightQuantizer, WeightInit
 from .rotation import ROTATION_INITS, HouseholderRotation, RotationInit
@@ -46,13 +47,8 @@ ADAPTERS: dict[str, Any] = {
     "llama": modeling_llama,
     "qwen2": modeling_qwen2,
 }
-
-
-def check_model_type(config: PretrainedConfig) -> None:
-    """Raise a one-line ``ValueError`` for an architecture the block cannot wrap."""
-    if config.model_type not in ADAPTERS:
-        raise ValueError(f"model_type={config.model_type!r} is not supported; "
-                         f"supported: {', '.join(sorted(ADAPTERS))}")
+assert set(ADAPTERS) == set(SUPPORTED_MODEL_TYPES), "models.SUPPORTED_MODEL_TYPES and ADAPTERS disagree"
+check_model_type = check_supported
 
 
 @dataclass

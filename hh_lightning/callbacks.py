@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_model, save_model
 
 from .block import HHDecoderBlock
+from .files import sha256_file, write_text_atomic
 from .module import HHBlockModule, block_mse
 from .quantizers import WeightInit
 
@@ -61,16 +62,6 @@ def artifact_paths(directory: Path, layer_index: int) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_layer_artifact(folded_block: HHDecoderBlock, directory: Path, metrics: dict[str, Any]) -> Path:
     """Save a folded block atomically: weights first, then the metadata that vouches for them.
 
@@ -83,10 +74,8 @@ def write_layer_artifact(folded_block: HHDecoderBlock, directory: Path, metrics:
     save_model(folded_block, str(temporary))
     os.replace(temporary, weights_path)
     meta = {**metrics, "layer": folded_block.layer_idx, "quant": folded_block.quant.to_dict(),
-            "bytes": weights_path.stat().st_size, "sha256": _sha256(weights_path)}
-    temporary_meta = meta_path.with_name(f".{meta_path.name}.{os.getpid()}.tmp")
-    temporary_meta.write_text(json.dumps(meta, indent=2))
-    os.replace(temporary_meta, meta_path)
+            "bytes": weights_path.stat().st_size, "sha256": sha256_file(weights_path)}
+    write_text_atomic(meta_path, json.dumps(meta, indent=2))
     return meta_path
 
 
@@ -101,7 +90,7 @@ def read_layer_artifact(directory: Path, layer_index: int, verify: bool = True) 
         raise ValueError(f"layer artifact metadata {meta_path} is corrupt: {error}") from None
     if not weights_path.is_file() or weights_path.stat().st_size != meta["bytes"]:
         raise ValueError(f"layer artifact {weights_path} is missing or has the wrong size")
-    if verify and _sha256(weights_path) != meta["sha256"]:
+    if verify and sha256_file(weights_path) != meta["sha256"]:
         raise ValueError(f"layer artifact {weights_path} fails its sha256 check")
     return meta
 

@@ -24,7 +24,7 @@ from .data import (
     load_wikitext_text,
     tokenize_text,
 )
-from .models import default_cache_dir, fetch_smollm2_gguf, load_model
+from .models import default_cache_dir, embedded_model_dir, load_model
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ InputMode = Literal["fp", "quantized"]
 def resolve_model_source(model: str, gguf_file: str | None) -> tuple[str, str | None]:
     """Map the embedded-default alias to its local GGUF path; other sources pass through."""
     if model == EMBEDDED_MODEL:
-        return str(fetch_smollm2_gguf()), None
+        return str(embedded_model_dir()), None
     return model, gguf_file
 
 

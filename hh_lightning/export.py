@@ -27,7 +27,6 @@ codes are stored as they are.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -43,6 +42,7 @@ from torch import nn
 from . import __version__
 from .block import HHDecoderBlock, BlockQuantConfig, wrap_model
 from .linear import FoldedLinear
+from .files import fsync_path, sha256_file
 
 __all__ = [
     "FORMAT_NAME",
@@ -232,28 +232,6 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------
 # Files
 # --------------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or a directory entry) to disk; best effort where the OS cannot."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
-
-
 def _write_json(path: Path, values: dict[str, Any]) -> None:
     with open(path, "w") as handle:
         json.dump(values, handle, indent=2, sort_keys=False)
@@ -305,7 +283,7 @@ def _verify_weights(path: Path, record: dict[str, Any]) -> None:
     size = path.stat().st_size
     if size != record["bytes"]:
         raise ValueError(f"{path} has {size} bytes, expected {record['bytes']}: the file is truncated or corrupted")
-    digest = _sha256(path)
+    digest = sha256_file(path)
     if digest != record["sha256"]:
         raise ValueError(f"{path} sha256 {digest} does not match the recorded {record['sha256']}: "
                          "the file is corrupted")
@@ -427,7 +405,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
             tokenizer.save_pretrained(staging)
         weights = staging / WEIGHTS_NAME
         save_file(tensors, weights, metadata={"format": "pt"})
-        _fsync(weights)
+        fsync_path(weights)
         meta = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -437,14 +415,14 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
             "block_quant_config": global_quant,
             "layers": layers_meta,
             "aliases": aliases,
-            "files": {WEIGHTS_NAME: {"bytes": weights.stat().st_size, "sha256": _sha256(weights)}},
+            "files": {WEIGHTS_NAME: {"bytes": weights.stat().st_size, "sha256": sha256_file(weights)}},
             "extra": extra,
         }
         _write_json(staging / QUANT_CONFIG_NAME, meta)
-        _fsync(staging / QUANT_CONFIG_NAME)
-        _fsync(staging)
+        fsync_path(staging / QUANT_CONFIG_NAME)
+        fsync_path(staging)
         _replace_directory(staging, directory)
-        _fsync(directory.parent)
+        fsync_path(directory.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

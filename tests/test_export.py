@@ -18,14 +18,6 @@ OFF = dict(w_bits=16, a_bits=16, kv_bits=16)
 SIZES = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # Tensors here are tiny: on a shared 2-core machine, intra-op threads waiting on each
-    # other cost 10x more than they save (measured: ~100 s vs ~20 s for these tests).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # ------------------------------------------------------------------ packing

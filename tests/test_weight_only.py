@@ -11,14 +11,6 @@ from hh_lightning.weight_only import quantize_weights_hqq, weight_only_config
 from tiny_models import tiny_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # Tensors here are tiny: on a shared 2-core machine, intra-op threads waiting on each
-    # other cost 10x more than they save (measured: ~100 s vs ~20 s for these tests).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _logits(model, tokens):
