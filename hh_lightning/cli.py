@@ -18,6 +18,7 @@ from typing import Any
 from lightning.pytorch.cli import LightningCLI
 
 from .datamodule import BlockActivationDataModule
+from .files import DirectoryLocked
 from .module import HHBlockModule
 from .parallel import WorkerInfo, launcher_worker
 from .pipeline import PipelineConfig, QuantizationRun
@@ -48,13 +49,19 @@ class QuantizeCLI(LightningCLI):
             print(f"error: {error}", file=sys.stderr)
             raise SystemExit(2) from None
         config_yaml = self._parser(self.subcommand).dump(config, skip_none=False)
-        self.summary = run.run(self.launched, config_yaml=config_yaml)
+        try:
+            self.summary = run.run(self.launched, config_yaml=config_yaml)
+        except DirectoryLocked as error:  # another run holds run_dir: refused like bad input
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
         if self.summary is not None:
             print((Path(pipeline.run_dir).expanduser() / "summary.md").read_text())
 
 
 def main(args: list[str] | None = None) -> QuantizeCLI:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Each layer builds a Trainer; its device banner and tips would repeat once per layer.
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     # Before Lightning builds a Trainer: a torchrun/SLURM worker must not look like a DDP rank.
     launched = launcher_worker()
     return QuantizeCLI(HHBlockModule, BlockActivationDataModule, launched=launched, args=args,

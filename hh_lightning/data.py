@@ -19,6 +19,7 @@ produces it, and readers map the files and convert only what they return.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hh_lightning.files import remove_leftovers
 from hh_lightning.models import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -379,6 +381,27 @@ def cache_fingerprint(
     }
 
 
+# What a full disk (or an exhausted quota) raises.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _preallocate(handle: Any, size: int) -> None:
+    """Give a new file its final size and reserve its blocks, before any write.
+
+    The writes go through memory maps: into a sparse file, a full disk would
+    surface as SIGBUS mid-build, killing the process without a message.
+    Reserved blocks make it fail here with ENOSPC instead. Filesystems that
+    cannot reserve keep the sparse file.
+    """
+    handle.truncate(size)
+    if size and hasattr(os, "posix_fallocate"):
+        try:
+            os.posix_fallocate(handle.fileno(), 0, size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
 class _BoundaryWriter:
     """Streams batches into pre-sized boundary files through short-lived memory maps.
 
@@ -395,17 +418,15 @@ class _BoundaryWriter:
         self.shape = shape
         self.dtype = dtype
         self.sample_bytes = _expected_bytes(shape[1:], dtype)
-        # One reusable CPU buffer for the dtype conversion: fresh per-write
-        # buffers, interleaved with the forward pass's own allocations, leave
-        # glibc's heap fragmented and the RSS tens of MiB higher.
+        # One reusable CPU buffer for the dtype conversion, so a write
+        # allocates nothing that could stay in the heap after the build.
         self.staging = torch.empty((batch_size, *shape[1:]), dtype=_TORCH_STORAGE[dtype])
         self.staging_view = self.staging.view(torch.uint16) if dtype == "bfloat16" else self.staging
         self.digests = [hashlib.sha256() for _ in range(n_boundaries)]
         self.rows_written = [0] * n_boundaries
         for index in range(n_boundaries):
-            # Sparse pre-allocation: the file has its final size before any write.
             with open(self.path(index), "wb") as f:
-                f.truncate(_expected_bytes(shape, dtype))
+                _preallocate(f, _expected_bytes(shape, dtype))
 
     def path(self, index: int) -> Path:
         return self.directory / boundary_file_name(index)
@@ -498,6 +519,8 @@ def build_activation_cache(
         ]
         handles.append(layers[-1].register_forward_hook(output_hook, with_kwargs=True))
         base_model = model.model  # the decoder stack without lm_head: its logits are not needed
+        was_training = model.training
+        model.eval()  # dropout off: the targets must be the deterministic FP outputs
         try:
             batches = range(0, n_samples, batch_size)
             for batch_start in tqdm(batches, desc="activation cache", unit="batch", disable=not progress):
@@ -514,6 +537,7 @@ def build_activation_cache(
         finally:
             for handle in handles:
                 handle.remove()
+            model.train(was_training)
 
         files = {WINDOWS_FILE: window_record}
         for index in range(n_layers + 1):
@@ -539,8 +563,13 @@ def build_activation_cache(
         manifest_path.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True))
         _fsync(manifest_path)
         _move_into_place(build_dir, cache_dir)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(build_dir, ignore_errors=True)
+        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
+            needed = _expected_bytes(shape, dtype) * (n_layers + 1) + windows.numel() * 8
+            raise OSError(error.errno, f"disk full while building the activation cache {cache_dir}: it needs "
+                                       f"{needed / 2**30:.2f} GiB in {cache_dir.parent} ({error.strerror}); "
+                                       "free space there or set data.cache_dir elsewhere") from error
         raise
     log.info("activation cache built at %s (%d boundaries, %.1f s)", cache_dir, n_layers + 1, manifest.build_seconds)
     return manifest
@@ -663,9 +692,17 @@ def ensure_activation_cache(
     verify: bool = False,
     progress: bool = True,
 ) -> CacheManifest:
-    """Open the cache at `cache_dir` if it matches `fingerprint` and `windows`, else (re)build it."""
+    """Open the cache at `cache_dir` if it matches `fingerprint` and `windows`, else (re)build it.
+
+    Holds the build lock throughout, so concurrent callers build once and the
+    others reuse; it also deletes what killed builds left next to `cache_dir`.
+    A full disk raises `OSError(ENOSPC)` naming `cache_dir` and leaves no cache.
+    """
     cache_dir = Path(cache_dir).expanduser()
     with _build_lock(cache_dir):
+        # Under the lock no build is live: any build or stale directory is a killed build's.
+        for path in remove_leftovers(cache_dir.parent, cache_dir.name, ".build-", ".stale-"):
+            log.warning("removed %s, left by an interrupted cache build", path)
         manifest = open_activation_cache(cache_dir, fingerprint, verify=verify, windows=windows)
         if manifest is not None and manifest.dtype == _storage_dtype(dtype):
             return manifest

@@ -85,6 +85,11 @@ class BlockActivationDataModule(L.LightningDataModule):
             ``quantized`` (block ``i`` sees the outputs of quantized blocks ``< i``).
         allow_generated_fallback: when no WikiText source is reachable, calibrate
             on text sampled from the model itself (with a warning).
+        device: where the FP model runs (cache building, evaluation): ``auto`` is
+            the current CUDA device when there is one, else the CPU.
+        model_dtype: dtype the FP model is loaded in (``float32``, ``bfloat16``, ``float16``).
+        verify_cache: when reusing a cache, also check every file's sha256 against its
+            manifest (reads the whole cache once per run; sizes are always checked).
     """
 
     def __init__(self, model: str = EMBEDDED_MODEL, gguf_file: str | None = None,
@@ -93,7 +98,8 @@ class BlockActivationDataModule(L.LightningDataModule):
                  val_samples: int = 8, seq_len: int = 2048, seed: int = 0, cache_dir: str | None = None,
                  cache_dtype: str = "bfloat16", cache_batch_size: int = 1, batch_size: int = 4,
                  num_workers: int = 0, input_mode: InputMode = "fp",
-                 allow_generated_fallback: bool = False) -> None:
+                 allow_generated_fallback: bool = False, device: str = "auto",
+                 model_dtype: str = "float32", verify_cache: bool = False) -> None:
         super().__init__()
         self.save_hyperparameters()
         for name, value in (("n_samples", n_samples), ("seq_len", seq_len), ("batch_size", batch_size),
@@ -104,6 +110,8 @@ class BlockActivationDataModule(L.LightningDataModule):
             raise ValueError(f"data.val_samples={val_samples} must be >= 1 (held-out windows measure each layer)")
         if input_mode not in ("fp", "quantized"):
             raise ValueError(f"data.input_mode={input_mode!r} is not one of ('fp', 'quantized')")
+        if model_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"data.model_dtype={model_dtype!r} is not one of ('float32', 'bfloat16', 'float16')")
         if cache_dtype not in ("bfloat16", "float16"):
             raise ValueError(f"data.cache_dtype={cache_dtype!r} is not one of ('bfloat16', 'float16')")
         self.layer_index = 0
@@ -129,8 +137,11 @@ class BlockActivationDataModule(L.LightningDataModule):
     @cached_property
     def fp_model_and_tokenizer(self) -> tuple[Any, Any]:
         source, gguf_file = resolve_model_source(self.hparams.model, self.hparams.gguf_file)
-        model, tokenizer = load_model(source, gguf_file=gguf_file,
-                                      attn_implementation=self.hparams.attn_implementation)
+        device = self.hparams.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = load_model(source, gguf_file=gguf_file, dtype=getattr(torch, self.hparams.model_dtype),
+                                      device=device, attn_implementation=self.hparams.attn_implementation)
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         return model, tokenizer
@@ -194,7 +205,8 @@ class BlockActivationDataModule(L.LightningDataModule):
         if self.manifest is None:
             self.manifest = ensure_activation_cache(
                 self.fp_model, self.windows, self.cache_path, dtype=self.hparams.cache_dtype,
-                batch_size=self.hparams.cache_batch_size, fingerprint=self.fingerprint())
+                batch_size=self.hparams.cache_batch_size, fingerprint=self.fingerprint(),
+                verify=self.hparams.verify_cache)
 
     def select_layer(self, layer_index: int, input_path: Path | None = None) -> None:
         """Serve layer ``layer_index``; ``input_path`` replaces its cached input (quantized mode)."""

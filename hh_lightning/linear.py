@@ -96,8 +96,9 @@ class HHLinear(nn.Module):
             raise ValueError(f"transform dim={transform.dim} != in_features={linear.in_features}")
         self.in_features = linear.in_features
         self.out_features = linear.out_features
-        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
-        self.bias = (nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        # float32 copies whatever the model's dtype: rotations and clip searches need the precision.
+        self.weight = nn.Parameter(linear.weight.detach().float().clone(), requires_grad=False)
+        self.bias = (nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
                      if linear.bias is not None else None)
         self.transform = transform
         self.weight_quantizer = weight_quantizer if weight_quantizer is not None else WeightQuantizer(

@@ -102,6 +102,8 @@ def launcher_worker() -> WorkerInfo | None:
 
     rank_zero_only.rank = 0
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":  # "cuda" (data.device: auto) then means this worker's own GPU
+        torch.cuda.set_device(device)
     return WorkerInfo(rank=rank, world_size=world, device=device)
 
 
@@ -111,6 +113,8 @@ def _worker_main(rank: int, world_size: int, state: dict[str, Any]) -> None:
     torch.set_num_threads(state["threads"])
     run = QuantizationRun.from_state(state)
     use_gpu = _uses_gpu(run.trainer_kwargs)
+    if use_gpu:  # "cuda" (data.device: auto) then means this worker's own GPU
+        torch.cuda.set_device(rank)
     worker = WorkerInfo(rank=rank, world_size=world_size,
                         device=torch.device("cuda", rank) if use_gpu else torch.device("cpu"))
     run.datamodule.prepare_data()

@@ -10,7 +10,8 @@ device), then assembles.
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import gc
 import inspect
 import json
 import logging
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import psutil
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -40,7 +42,7 @@ from .evaluation import perplexity
 from .models import config_hash
 from .module import HHBlockModule
 from .parallel import WorkerInfo, run_in_processes
-from .files import write_text_atomic
+from .files import directory_lock, remove_leftovers, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -212,9 +214,20 @@ class QuantizationRun:
         module.attach_source(model.model.layers[layer_index], model.config, model.model.rotary_emb)
         self.datamodule.select_layer(layer_index, input_path)
         trainer = self._trainer(layer_index, worker)
-        trainer.fit(module, datamodule=self.datamodule, ckpt_path=self._last_checkpoint(layer_index))
+        checkpoint = self._last_checkpoint(layer_index)
+        total = len(self.layers)
+        log.info("layer %d (%d of %d): %s", layer_index, self.layers.index(layer_index) + 1, total,
+                 f"resuming from {checkpoint}" if checkpoint else "training")
+        started = time.perf_counter()
+        trainer.fit(module, datamodule=self.datamodule, ckpt_path=checkpoint)
         if not self.layer_done(layer_index):  # a fit resumed after its last epoch skips on_train_end
             export_block(module, self.datamodule.val_dataloader(), self.artifact_dir, trainer.global_step)
+        del trainer, module
+        gc.collect()  # Trainer, optimizer and module form cycles; free this layer before the next
+        meta = read_layer_artifact(self.artifact_dir, layer_index, verify=False)
+        log.info("layer %d: block MSE %.4g -> %.4g in %d steps, %.1f s, resident memory %.0f MiB", layer_index,
+                 meta["mse_init"], meta["mse_final"], meta["steps"], time.perf_counter() - started,
+                 psutil.Process().memory_info().rss / 2**20)
 
     def train_layers(self, layer_indices: list[int], worker: WorkerInfo) -> None:
         for layer_index in layer_indices:
@@ -251,9 +264,14 @@ class QuantizationRun:
         return load_layer_artifact(block, self.artifact_dir)
 
     def assemble(self) -> torch.nn.Module:
-        """The quantized model: the FP model with every trained layer replaced by its folded block."""
-        model = copy.deepcopy(self.datamodule.fp_model)
+        """The quantized model: the FP model with every trained layer replaced by its folded block.
+
+        Works in place on the loaded FP model, so only one copy of the model is ever in memory.
+        """
+        model = self.datamodule.fp_model
         for layer_index in self.layers:
+            if isinstance(model.model.layers[layer_index], HHDecoderBlock):
+                continue
             model.model.layers[layer_index] = self._folded_block(layer_index)
         return model.eval()
 
@@ -270,12 +288,23 @@ class QuantizationRun:
     def run(self, launched: WorkerInfo | None = None, config_yaml: str | None = None) -> dict[str, Any] | None:
         """Everything after ``validate``; returns the summary (``None`` on a worker that does not assemble).
 
+        Rank 0 holds ``run_dir``'s lock throughout: a second run on the same
+        directory raises ``DirectoryLocked`` before writing anything.
+
         ``launched``: this process's rank under torchrun/SLURM (``launcher_worker()``);
         ``config_yaml``: the resolved configuration, saved as ``run_dir/config.yaml``.
         """
         if launched is not None and not self.pipeline.layer_parallel:
             raise ValueError("launched by torchrun/SLURM with several processes but pipeline.layer_parallel=false")
         worker = launched or WorkerInfo.single(self.trainer_kwargs)
+        # Only rank 0 locks run_dir: the workers run_in_processes spawns and the other ranks of
+        # a torchrun/SLURM launch are part of the holder's job and write disjoint layers.
+        lock = directory_lock(self.run_dir, "pipeline.run_dir") if worker.rank == 0 else contextlib.nullcontext()
+        with lock:
+            return self._run(worker, launched, config_yaml)
+
+    def _run(self, worker: WorkerInfo, launched: WorkerInfo | None, config_yaml: str | None
+             ) -> dict[str, Any] | None:
         if worker.rank == 0:
             self.claim_run_dir()
             if config_yaml is not None:
@@ -311,6 +340,9 @@ class QuantizationRun:
         elif pipeline.export:
             export_dir = Path(pipeline.export_dir) if pipeline.export_dir else self.run_dir / "quantized"
             results["export_dir"] = str(self._export(quantized, export_dir))
+            from .export import quantized_weight_bytes
+
+            results["export_bytes"] = quantized_weight_bytes(export_dir)
         results["quantized"] = asdict(perplexity(quantized, tokens, pipeline.eval_seq_len, pipeline.eval_windows))
         results["layers"] = self.layer_metrics()
         write_report(self.run_dir, results)
@@ -319,4 +351,9 @@ class QuantizationRun:
     def _export(self, model: torch.nn.Module, directory: Path) -> Path:
         from .export import save_quantized
 
-        return save_quantized(model, directory, tokenizer=self.datamodule.tokenizer)
+        saved = save_quantized(model, directory, tokenizer=self.datamodule.tokenizer)
+        # Only now, with a complete export in place, drop what a killed export left (its staging
+        # directory, or the previous export renamed aside); the run_dir lock keeps other exports out.
+        for path in remove_leftovers(saved.parent, saved.name, ".tmp-", ".old-"):
+            log.warning("removed %s, left by an interrupted export", path)
+        return saved

@@ -60,6 +60,10 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> str:
             ppl_rows.append({"model": name, "ppl": r["ppl"], "windows": r["n_windows"], "seq_len": r["seq_len"]})
     text = "## Perplexity\n\n" + markdown_table(ppl_rows) + "\n\n## Per-layer MSE\n\n" + markdown_table(layer_rows)
     text += f"\n\nTraining wall time: {results.get('train_seconds', float('nan')):.1f} s\n"
+    if "export_bytes" in results:
+        sizes = results["export_bytes"]
+        text += (f"Exported linear weights: {sizes['quantized_bytes'] / 2**20:.2f} MiB, "
+                 f"{sizes['ratio']:.3f}x their fp16 size ({results['export_dir']})\n")
     write_json_atomic(run_dir / "summary.json", results)
     write_text_atomic(run_dir / "summary.md", text)
     if layer_rows:

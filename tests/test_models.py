@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+import tiny_models
 
 from hh_lightning.models import (
     SMOLLM2_GGUF_NAME,
@@ -20,45 +20,16 @@ from hh_lightning.models import (
     rotary_embedding,
 )
 
-TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=128)
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog .",
-    " = Homarus gammarus = \n",
-    "Homarus gammarus , known as the European lobster , is a species of clawed lobster .",
-]
+VOCAB_SIZE = 300
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matmuls on a shared 2-core box: extra OpenMP threads only spin and wait."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-def tiny_tokenizer(vocab_size: int = 300) -> PreTrainedTokenizerFast:
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(CORPUS, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>")
-
-
-def tiny_model(model_type: str, vocab_size: int = 300, tie: bool = False):
-    torch.manual_seed(0)
-    if model_type == "llama":
-        config = LlamaConfig(vocab_size=vocab_size, tie_word_embeddings=tie, **TINY_SIZES)
-        return LlamaForCausalLM(config).eval()
-    config = Qwen2Config(vocab_size=vocab_size, tie_word_embeddings=tie, **TINY_SIZES)
-    return Qwen2ForCausalLM(config).eval()
+def tiny_model(model_type: str, tie: bool = False):
+    return tiny_models.tiny_model(model_type, vocab_size=VOCAB_SIZE, tie_word_embeddings=tie)
 
 
 @pytest.mark.parametrize("model_type,tie", [("llama", True), ("llama", False), ("qwen2", False)])
 def test_load_local_directory_gives_identical_logits(tmp_path, model_type, tie):
-    model, tokenizer = tiny_model(model_type, tie=tie), tiny_tokenizer()
+    model, tokenizer = tiny_model(model_type, tie=tie), tiny_models.tiny_tokenizer(VOCAB_SIZE)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
 
@@ -70,7 +41,7 @@ def test_load_local_directory_gives_identical_logits(tmp_path, model_type, tie):
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
     if tie:
         assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
-    assert len(decoder_layers(loaded)) == TINY_SIZES["num_hidden_layers"]
+    assert len(decoder_layers(loaded)) == tiny_models.TINY_SIZES["num_hidden_layers"]
     assert rotary_embedding(loaded) is loaded.model.rotary_emb
     assert config_hash(loaded.config) == config_hash(model.config)
 
@@ -82,7 +53,7 @@ def test_missing_local_path_names_it(source):
 
 
 def test_unsupported_model_type_names_supported_ones():
-    config = LlamaConfig(**TINY_SIZES)
+    config = tiny_models.tiny_config("llama")
     config.model_type = "gpt2"
     with pytest.raises(ValueError, match="'gpt2'.*llama, qwen2"):
         check_supported(config)

@@ -12,11 +12,11 @@ TINY_SIZES = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, n
 
 
 def tiny_config(model_type: str, attn_implementation: str = "sdpa", **overrides):
-    sizes = {**TINY_SIZES, **overrides}
+    sizes = {**TINY_SIZES, "tie_word_embeddings": True, **overrides}
     if model_type == "qwen2":
-        config = Qwen2Config(**sizes, tie_word_embeddings=True)
+        config = Qwen2Config(**sizes)
     elif model_type == "llama":
-        config = LlamaConfig(**sizes, tie_word_embeddings=True)
+        config = LlamaConfig(**sizes)
     else:
         raise ValueError(model_type)
     config._attn_implementation = attn_implementation
