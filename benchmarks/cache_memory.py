@@ -10,20 +10,26 @@ windows (the control), then builds the cache in a temporary directory
 
 Reported per case (MiB):
 * `ru_maxrss`: the child's whole-life peak (`resource.getrusage`). The GGUF
-  load dominates it (all 30 layers are dequantized before truncation).
+  load dominates it (all 30 layers are dequantized before truncation), so it
+  says little about the cache.
+* `weights`: the truncated model's parameter bytes.
 * `rss_before`: resident set after loading, truncating and warming up.
 * `forward_peak` / `build_peak`: the peak RSS during the control pass and
   during the build (Linux: the high-water mark is reset through
   /proc/self/clear_refs before each; elsewhere a thread samples RSS).
+* `peak_minus_weights` = `build_peak - weights`: everything resident during
+  the build except the parameters (runtime, libraries, activations, cache).
 * `cache_overhead` = `build_peak - forward_peak`: what the cache adds on top
   of the forward pass it needs anyway.
 * `all_in_ram`: what holding every boundary in RAM would cost instead.
 
-Goal: `ru_maxrss` and `build_peak` each grow by at most 1.2x from the fewest
-to the most layers. `build_peak` includes the model's weights (a 30-layer
-model has ~370 MB more fp32 weights than a 4-layer one), so the ratio on it
-is conservative; at sizes where `all_in_ram` rivals the weights it is the
-number that would expose a cache holding activations in RAM.
+Goal: `peak_minus_weights(most layers) / peak_minus_weights(fewest) <= 1.2`.
+Weights are taken out because a 30-layer model has ~370 MB more fp32
+parameters than a 4-layer one whatever the cache does. The ratio can only
+expose a cache that holds activations in RAM when `all_in_ram` is large next
+to the ~0.5 GiB fixed part (the runtime and the embedding matrix), e.g.
+`--n-samples 32 --seq-len 256` (279 MiB for 31 boundaries); at the small
+defaults read `cache_overhead` against `all_in_ram` instead.
 
 Children run with glibc's mmap threshold pinned (`MALLOC_MMAP_THRESHOLD_`,
 off with `--no-pin-malloc`): by default glibc raises the threshold after the
@@ -203,13 +209,16 @@ def run_child(args: argparse.Namespace) -> None:
         build_s = time.perf_counter() - started
         cache_bytes = sum(r["bytes"] for name, r in manifest.files.items() if name.startswith("boundary_"))
 
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # tied counted once
     result = {
         "layers": n_layers,
         "boundaries": n_layers + 1,
         "ru_maxrss_mib": max(maxrss_before, ru_maxrss_bytes()) / MIB,
+        "weights_mib": weight_bytes / MIB,
         "rss_before_mib": rss_before / MIB,
         "forward_peak_mib": forward_peak.peak_bytes / MIB,
         "build_peak_mib": build_peak.peak_bytes / MIB,
+        "peak_minus_weights_mib": (build_peak.peak_bytes - weight_bytes) / MIB,
         "cache_overhead_mib": (build_peak.peak_bytes - forward_peak.peak_bytes) / MIB,
         "all_in_ram_mib": cache_bytes / MIB,
         "forward_s": forward_s,
@@ -263,17 +272,18 @@ def main() -> None:
     runs = [run_case(args, n) for n in args.layers]
     fewest = min(runs, key=lambda r: r["layers"])
     most = max(runs, key=lambda r: r["layers"])
-    ratios = {key: most[key] / fewest[key] for key in ("ru_maxrss_mib", "build_peak_mib")}
-    passed = all(r <= GOAL_RATIO for r in ratios.values())
+    ratios = {key: most[key] / fewest[key] for key in ("peak_minus_weights_mib", "ru_maxrss_mib", "build_peak_mib")}
+    ratio = ratios["peak_minus_weights_mib"]
+    passed = ratio <= GOAL_RATIO
 
-    columns = ["layers", "boundaries", "ru_maxrss_mib", "rss_before_mib", "forward_peak_mib",
-               "build_peak_mib", "cache_overhead_mib", "all_in_ram_mib", "build_s"]
+    columns = ["layers", "boundaries", "ru_maxrss_mib", "weights_mib", "rss_before_mib", "forward_peak_mib",
+               "build_peak_mib", "peak_minus_weights_mib", "cache_overhead_mib", "all_in_ram_mib", "build_s"]
     print(f"N={args.n_samples} L={args.seq_len} batch={args.batch_size} dtype={args.dtype} "
           f"model={args.gguf.name} pinned_malloc={args.pin_malloc}")
     print_markdown_table([{c: r[c] for c in columns} for r in runs])
-    for key, ratio in ratios.items():
-        print(f"{key} ratio {most['layers']} vs {fewest['layers']} layers: {ratio:.3f} (goal <= {GOAL_RATIO})")
-    print("PASS" if passed else "FAIL")
+    print(", ".join(f"{key} ratio {value:.3f}" for key, value in ratios.items())
+          + f" ({most['layers']} vs {fewest['layers']} layers)")
+    print(f"goal: peak_minus_weights ratio {ratio:.3f} <= {GOAL_RATIO}: {'PASS' if passed else 'FAIL'}")
 
     write_json_atomic(args.json, {
         "benchmark": "cache_memory",
@@ -282,6 +292,7 @@ def main() -> None:
                    "dtype": args.dtype, "seed": args.seed, "model": str(args.gguf),
                    "data": str(args.data_dir), "split": "validation", "pin_malloc": args.pin_malloc},
         "runs": runs,
+        "goal_metric": "peak_minus_weights_mib",
         "ratios": ratios,
         "goal_ratio": GOAL_RATIO,
         "passed": passed,

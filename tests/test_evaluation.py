@@ -15,15 +15,6 @@ TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 VOCAB_SIZE, SEQ_LEN = 300, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny matmuls on a shared 2-core box: extra OpenMP threads only spin and wait."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
