@@ -24,6 +24,8 @@ from tiny_models import WIKITEXT_DIR, save_tiny_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (WIKITEXT_DIR / "wiki.test.raw").is_file(), reason="needs WikiText-2 raw")
 
+# Child processes: tiny matmuls gain nothing from a second thread and lose much when the box is busy.
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 QUANT = dict(qkv_reflections=8, upgate_reflections=8, down_reflections=8, kv_bits=4, kv_reflections=None)
 
 
@@ -105,7 +107,7 @@ def test_resume_after_sigkill_mid_layer_equals_uninterrupted(workspace, baseline
     path = write_config(tmp, config, "killed")
     run_dir = Path(config["pipeline"]["run_dir"])
     process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "fit", "--config", str(path)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               cwd=REPO, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = run_dir / "checkpoints" / "layer_001" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -136,7 +138,7 @@ def test_launched_rank_one_trains_its_share_and_logs(workspace, baseline) -> Non
     tmp, model_dir = workspace
     config = make_config(tmp, model_dir, "torchrun", layer_parallel=True)
     path = write_config(tmp, config, "torchrun")
-    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+    env = {**CHILD_ENV, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
            "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}
     result = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", str(path)], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=600)
