@@ -223,7 +223,7 @@ class QuantizationRun:
         if not self.layer_done(layer_index):  # a fit resumed after its last epoch skips on_train_end
             export_block(module, self.datamodule.val_dataloader(), self.artifact_dir, trainer.global_step)
         del trainer, module
-        gc.collect()  # Trainer, optimizer and module form cycles; free this layer before the next
+        gc.collect()  # Trainer, optimizer and module form reference cycles; free this layer now
         meta = read_layer_artifact(self.artifact_dir, layer_index, verify=False)
         log.info("layer %d: block MSE %.4g -> %.4g in %d steps, %.1f s, resident memory %.0f MiB", layer_index,
                  meta["mse_init"], meta["mse_final"], meta["steps"], time.perf_counter() - started,
