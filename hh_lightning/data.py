@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hh_lightning.files import remove_leftovers
+from hh_lightning.files import fsync_path, sha256_file
 from hh_lightning.models import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -228,14 +229,6 @@ def _open_map(path: Path, shape: Sequence[int], dtype: str) -> np.memmap:
             f"{path} has {actual} bytes, expected {expected} for shape {tuple(shape)} {dtype}"
         )
     return np.memmap(path, dtype=_NUMPY_STORAGE[dtype], mode="r", shape=tuple(shape))
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_boundary_file(
@@ -541,7 +534,7 @@ def build_activation_cache(
 
         files = {WINDOWS_FILE: window_record}
         for index in range(n_layers + 1):
-            _fsync(writer.path(index))
+            fsync_path(writer.path(index))
             files[boundary_file_name(index)] = {
                 "bytes": writer.path(index).stat().st_size,
                 "sha256": writer.digests[index].hexdigest(),
@@ -561,7 +554,7 @@ def build_activation_cache(
         )
         manifest_path = build_dir / MANIFEST_NAME
         manifest_path.write_text(json.dumps(manifest.to_json(), indent=2, sort_keys=True))
-        _fsync(manifest_path)
+        fsync_path(manifest_path)
         _move_into_place(build_dir, cache_dir)
     except BaseException as error:
         shutil.rmtree(build_dir, ignore_errors=True)
@@ -579,7 +572,7 @@ def _write_windows_file(path: Path, windows: torch.Tensor) -> dict[str, Any]:
     """Write the windows' token ids as raw int64 `(n_samples, seq_len)`; returns its file record."""
     data = windows.to(torch.int64).cpu().contiguous().numpy().tobytes()
     path.write_bytes(data)
-    _fsync(path)
+    fsync_path(path)
     return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
@@ -592,14 +585,6 @@ def _move_into_place(build_dir: Path, cache_dir: Path) -> None:
     os.replace(build_dir, cache_dir)
     if stale is not None:
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def _sha256_file(path: Path, chunk_bytes: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fingerprint_diff(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -657,7 +642,7 @@ def open_activation_cache(
             return None
     if verify:
         for name in tqdm(expected_names, desc="verify cache", unit="file", disable=len(expected_names) < 8):
-            if _sha256_file(cache_dir / name) != manifest.files[name]["sha256"]:
+            if sha256_file(cache_dir / name) != manifest.files[name]["sha256"]:
                 log.warning("activation cache file %s fails its sha256 check", cache_dir / name)
                 return None
     return manifest

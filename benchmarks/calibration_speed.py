@@ -1,0 +1,333 @@
+"""Calibration (training-step) speed of one W4A4 ``HHBlockModule`` against a plain fp32 layer step.
+
+For two block shapes built from configs in code with random weights (no downloads):
+
+* ``smollm2-135m``: Llama config, hidden 576, intermediate 1536, 9 heads, 3 KV heads, head_dim 64;
+* ``qwen2.5-0.5b``: Qwen2 config, hidden 896, intermediate 4864, 14 heads, 2 KV heads, head_dim 64;
+
+it times, on the same random batch ``x`` of ``--batch × --seq-len`` hidden states (fp32):
+
+* ``wrapped``: one calibration step of ``HHBlockModule`` with the default ``BlockQuantConfig``
+  (W4 per-channel symmetric with learnable clips, A4 per-token asymmetric with learnable clips,
+  64 reflections for R_qkv / R_upgate / R_down, head-dim R_o folded). The module is driven
+  **without a Trainer**: ``attach_source`` + ``configure_model()``, then the rotations are
+  PCA-initialized (``block.init_rotations_pca_(block.collect_statistics(x))``) and the weight
+  quantizers clip-searched (``block.initialize_weight_quantizers()``), as the callbacks do. The
+  optimizer is built like ``configure_optimizers`` (AdamW, transforms / clips groups, cosine
+  ``LambdaLR``). A step is ``module.training_step((x, y), i)`` (forward, MSE against the FP
+  layer's output ``y``, the finiteness check; ``self.log`` is a no-op without a Trainer),
+  ``loss.backward()``, ``optimizer.step()``, ``scheduler.step()``, ``zero_grad``.
+* ``fp``: the unwrapped transformers decoder layer, all its parameters trained: RoPE and the
+  causal mask computed from the model's own modules, forward, MSE against ``y``, backward,
+  AdamW step, ``zero_grad``.
+
+``ratio`` = wrapped / fp step time (the project's goal is ≤ 1.5). ``tokens/s`` is calibration
+tokens per second of the wrapped step (``batch·seq / step``). With ``--ablation`` it also
+times the wrapped step with every quantizer bypassed (``quantization_disabled``: rotations
+only), so ``wrapped - no-quant`` is the fake quantizers' share. With ``--profile-steps N`` a
+``torch.profiler`` run over N wrapped steps is summarized by op family (self time) and by the
+forward ranges of rotations, weight / activation quantizers (record_function wrappers added
+here at run time; the core modules are not changed).
+
+Times are medians (``median_time``) of ``--repeats`` calls after ``--warmup``; on a shared
+machine compare ratios, not absolute times.
+
+Run: ``python benchmarks/calibration_speed.py [--batch 4] [--seq-len 256] [--threads 2]
+[--models smollm2-135m qwen2.5-0.5b] [--device cpu|cuda]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import machine_info, median_time, print_markdown_table, write_json_atomic  # noqa: E402
+
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
+from transformers.masking_utils import create_causal_mask  # noqa: E402
+
+from hh_lightning.block import BlockQuantConfig  # noqa: E402
+from hh_lightning.linear import HHLinear  # noqa: E402
+from hh_lightning.module import HHBlockModule, OptimConfig, cosine_factor  # noqa: E402
+from hh_lightning.quantizers import ActivationQuantizer, WeightQuantizer, quantization_disabled  # noqa: E402
+from hh_lightning.rotation import HouseholderRotation  # noqa: E402
+
+DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "calibration_speed.json"
+
+# Block shapes of the two target models (one layer; a tiny vocabulary since only the layer runs).
+SHAPES = {
+    "smollm2-135m": (LlamaConfig, dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
+                                       num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                                       rope_theta=100000.0)),
+    "qwen2.5-0.5b": (Qwen2Config, dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
+                                       num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0)),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--batch", type=int, default=4, help="sequences per calibration step")
+    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
+    parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time the wrapped step with all quantizers bypassed")
+    parser.add_argument("--profile-steps", type=int, default=2,
+                        help="wrapped steps under torch.profiler (0: no profile)")
+    parser.add_argument("--profile-top", type=int, default=8, help="ops listed in the profile summary")
+    parser.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--vocab-size", type=int, default=128, help="unused by the layer; kept tiny")
+    parser.add_argument("--input-std", type=float, default=1.0, help="std of the random hidden states")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    return parser.parse_args()
+
+
+def build_source(name: str, args: argparse.Namespace):
+    """A one-layer random model of the named shape; returns (layer, config, rotary_emb)."""
+    config_class, sizes = SHAPES[name]
+    config = config_class(**sizes, num_hidden_layers=1, vocab_size=args.vocab_size,
+                          max_position_embeddings=max(args.seq_len, 2048), tie_word_embeddings=True)
+    config._attn_implementation = args.attn_implementation
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_config(config).float()
+    with torch.no_grad():  # non-trivial norms and biases, as in tests/tiny_models.py
+        for param_name, parameter in model.named_parameters():
+            if param_name.endswith("norm.weight"):
+                parameter.copy_(1.0 + 0.3 * torch.randn_like(parameter))
+            elif param_name.endswith(".bias"):
+                parameter.normal_(0.0, 0.1)
+    model.to(args.device)
+    return model.model.layers[0], config, model.model.rotary_emb
+
+
+def synchronized(fn, device: str):
+    if device.startswith("cuda"):
+        def run():
+            fn()
+            torch.cuda.synchronize()
+        return run
+    return fn
+
+
+def fp_step_fn(layer, config, rotary_emb, x, y, optim: OptimConfig):
+    """Plain fp32 step of the transformers layer, every parameter trained."""
+    layer.train()
+    for parameter in layer.parameters():
+        parameter.requires_grad_(True)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=optim.lr_transforms, betas=optim.betas,
+                                  weight_decay=optim.weight_decay)
+
+    def step():
+        position_ids = torch.arange(x.shape[1], device=x.device)[None]
+        position_embeddings = rotary_emb(x, position_ids)
+        mask = create_causal_mask(config=config, inputs_embeds=x, attention_mask=None,
+                                  past_key_values=None, position_ids=position_ids)
+        out = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+        out = out[0] if isinstance(out, tuple) else out
+        loss = F.mse_loss(out.float(), y.float())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def wrapped_module(layer, config, rotary_emb, x, quant: BlockQuantConfig, optim: OptimConfig):
+    """An initialized HHBlockModule (PCA rotations, clip-searched weights) and its init time."""
+    module = HHBlockModule(quant=quant, optim=optim, layer_index=0)
+    module.attach_source(layer, config, rotary_emb)
+    start = time.perf_counter()
+    module.configure_model()
+    module.to(x.device)
+    block = module.block
+    block.init_rotations_pca_(block.collect_statistics(x))
+    block.initialize_weight_quantizers()
+    return module, time.perf_counter() - start
+
+
+def wrapped_step_fn(module: HHBlockModule, x, y, total_steps: int):
+    """One calibration step the way Lightning's automatic optimization runs it (no Trainer)."""
+    groups = module.block.parameter_groups()
+    optim = module.optim
+    optimizer = torch.optim.AdamW(
+        [{"params": groups["transforms"], "lr": optim.lr_transforms, "name": "transforms"},
+         {"params": groups["clips"], "lr": optim.lr_clips, "name": "clips"}],
+        weight_decay=optim.weight_decay, betas=optim.betas)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: cosine_factor(step, total_steps, optim.min_lr_ratio))
+    counter = [0]
+
+    def step():
+        loss = module.training_step((x, y), counter[0])
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        counter[0] += 1
+    return step
+
+
+# ------------------------------------------------------------------ profiling
+RANGES = {
+    "hh::rotation (fwd, incl. weight rotations)": [(HouseholderRotation, "rotate"),
+                                                   (HouseholderRotation, "rotate_transposed")],
+    "hh::weight fake-quant (fwd)": [(WeightQuantizer, "forward")],
+    "hh::activation fake-quant (fwd)": [(ActivationQuantizer, "forward")],
+    "hh::transformed_weight (fwd, W R per step)": [(HHLinear, "transformed_weight")],
+}
+OP_FAMILIES = [
+    ("triangular solve (rotations)", re.compile(r"solve_triangular|SolveTriangular|trsm", re.I)),
+    ("GEMM (mm/addmm/bmm/linear)", re.compile(r"^aten::(mm|addmm|bmm|baddbmm|_?linear|matmul)$")),
+    ("attention kernel", re.compile(r"attention|sdpa|flash", re.I)),
+    ("min/max reductions (quant ranges)", re.compile(r"^aten::(amax|amin|max|min|aminmax)$")),
+    ("round/clamp (fake quant)", re.compile(r"^aten::(round|clamp|clamp_min|clamp_max|clip)_?$")),
+    ("AdamW arithmetic", re.compile(r"_foreach|adam", re.I)),
+]
+
+
+def install_ranges() -> None:
+    """Wrap the rotation / quantizer methods in record_function ranges (class-level, this process only)."""
+    for label, targets in RANGES.items():
+        for cls, attr in targets:
+            original = cls.__dict__[attr]
+
+            @functools.wraps(original)
+            def wrapper(self, *a, __original=original, __label=label, **kw):
+                with torch.profiler.record_function(__label):
+                    return __original(self, *a, **kw)
+            setattr(cls, attr, wrapper)
+    HouseholderRotation.forward = HouseholderRotation.rotate
+
+
+def profile_summary(step, steps: int, device: str, top: int) -> dict:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    cuda = device.startswith("cuda")
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.key_averages()
+    self_attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    total_attr = "device_time_total" if cuda else "cpu_time_total"
+    self_total = sum(getattr(e, self_attr) for e in events) or 1.0
+    families = {name: 0.0 for name, _ in OP_FAMILIES}
+    families["other (elementwise, copies, …)"] = 0.0
+    for event in events:
+        if event.key.startswith("hh::") or event.key.startswith("Optimizer"):
+            continue
+        for name, pattern in OP_FAMILIES:
+            if pattern.search(event.key):
+                families[name] += getattr(event, self_attr)
+                break
+        else:
+            families["other (elementwise, copies, …)"] += getattr(event, self_attr)
+    per_step_ms = lambda us: us / 1000.0 / steps  # noqa: E731
+    ranges = {e.key: per_step_ms(getattr(e, total_attr)) for e in events
+              if e.key.startswith("hh::") or e.key.startswith("Optimizer.step")}
+    ops = sorted(events, key=lambda e: getattr(e, self_attr), reverse=True)
+    top_ops = [{"op": e.key, "self ms/step": per_step_ms(getattr(e, self_attr)),
+                "share": getattr(e, self_attr) / self_total} for e in ops
+               if not e.key.startswith("hh::")][:top]
+    return {"self_time_ms_per_step": per_step_ms(self_total),
+            "families": {k: {"ms/step": per_step_ms(v), "share": v / self_total} for k, v in families.items()},
+            "forward_ranges_ms_per_step": ranges, "top_ops": top_ops}
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message=".*self.log.*")
+    warnings.filterwarnings("ignore", message=".*trainer.*")
+    quant, optim = BlockQuantConfig(), OptimConfig()
+    tokens = args.batch * args.seq_len
+    rows, results = [], {}
+    for name in args.models:
+        layer, config, rotary_emb = build_source(name, args)
+        generator = torch.Generator().manual_seed(args.seed + 1)
+        x = (args.input_std * torch.randn(args.batch, args.seq_len, config.hidden_size,
+                                          generator=generator)).to(args.device)
+        with torch.no_grad():
+            position_ids = torch.arange(args.seq_len, device=x.device)[None]
+            mask = create_causal_mask(config=config, inputs_embeds=x, attention_mask=None,
+                                      past_key_values=None, position_ids=position_ids)
+            out = layer.eval()(x, attention_mask=mask, position_ids=position_ids,
+                               position_embeddings=rotary_emb(x, position_ids))
+            y = (out[0] if isinstance(out, tuple) else out).detach().clone()
+
+        module, init_s = wrapped_module(layer, config, rotary_emb, x, quant, optim)
+        total_steps = args.warmup + args.repeats
+        wrapped = synchronized(wrapped_step_fn(module, x, y, total_steps * 3), args.device)
+        fp = synchronized(fp_step_fn(layer, config, rotary_emb, x, y, optim), args.device)
+        # Alternate fp / wrapped / fp so both see the same background load; fp is the mean of two medians.
+        fp_a = median_time(fp, repeats=args.repeats, warmup=args.warmup)
+        wrapped_s = median_time(wrapped, repeats=args.repeats, warmup=args.warmup)
+        fp_b = median_time(fp, repeats=args.repeats, warmup=0)
+        fp_s = (fp_a + fp_b) / 2
+        noquant_s = None
+        if args.ablation:
+            with quantization_disabled(module.block):
+                noquant_s = median_time(wrapped, repeats=args.repeats, warmup=args.warmup)
+        row = {"block": name, "tokens/step": tokens, "fp step s": fp_s, "wrapped step s": wrapped_s,
+               "ratio": wrapped_s / fp_s, "tokens/s (wrapped)": tokens / wrapped_s,
+               "tokens/s (fp)": tokens / fp_s}
+        if noquant_s is not None:
+            row["wrapped, quantizers off s"] = noquant_s
+            row["fake-quant share"] = (wrapped_s - noquant_s) / wrapped_s
+        row["init s (PCA + clip search)"] = init_s
+        rows.append(row)
+        results[name] = {"row": row, "fp_step_s_runs": [fp_a, fp_b],
+                         "trainable_params_wrapped": sum(p.numel() for p in module.block.parameters()
+                                                         if p.requires_grad),
+                         "trainable_params_fp": sum(p.numel() for p in layer.parameters())}
+        del layer
+    print(f"\nCalibration step, batch {args.batch} × seq {args.seq_len}, fp32, device {args.device}, "
+          f"threads {args.threads} (median of {args.repeats})\n")
+    print_markdown_table(rows)
+
+    if args.profile_steps > 0:
+        install_ranges()
+        for name in args.models:
+            layer, config, rotary_emb = build_source(name, args)
+            generator = torch.Generator().manual_seed(args.seed + 1)
+            x = (args.input_std * torch.randn(args.batch, args.seq_len, config.hidden_size,
+                                              generator=generator)).to(args.device)
+            y = torch.randn_like(x)
+            module, _ = wrapped_module(layer, config, rotary_emb, x, quant, optim)
+            step = synchronized(wrapped_step_fn(module, x, y, 10 * args.profile_steps), args.device)
+            step()  # warm-up
+            summary = profile_summary(step, args.profile_steps, args.device, args.profile_top)
+            results[name]["profile"] = summary
+            print(f"\nProfile of the wrapped step, {name} ({args.profile_steps} steps; "
+                  f"self time {summary['self_time_ms_per_step']:.0f} ms/step; profiler overhead included)\n")
+            print_markdown_table([{"op family (self time)": k, "ms/step": v["ms/step"], "share": v["share"]}
+                                  for k, v in summary["families"].items()])
+            print()
+            print_markdown_table([{"forward range (inclusive)": k, "ms/step": v}
+                                  for k, v in sorted(summary["forward_ranges_ms_per_step"].items())])
+            print()
+            print_markdown_table(summary["top_ops"])
+
+    write_json_atomic(args.json, {"args": vars(args), "quant": quant.to_dict(), "machine": machine_info(),
+                                  "rows": rows, "details": results})
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
