@@ -53,7 +53,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import machine_info, median_time, print_markdown_table, write_json_atomic  # noqa: E402
-
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
 from transformers.masking_utils import create_causal_mask  # noqa: E402
 
@@ -195,15 +194,17 @@ OP_FAMILIES = [
     ("attention kernel", re.compile(r"attention|sdpa|flash", re.I)),
     ("min/max reductions (quant ranges)", re.compile(r"^aten::(amax|amin|max|min|aminmax)$")),
     ("round/clamp (fake quant)", re.compile(r"^aten::(round|clamp|clamp_min|clamp_max|clip)_?$")),
-    ("AdamW arithmetic", re.compile(r"_foreach|adam", re.I)),
 ]
 
 
-def install_ranges() -> None:
-    """Wrap the rotation / quantizer methods in record_function ranges (class-level, this process only)."""
+def install_ranges() -> list:
+    """Wrap the rotation / quantizer methods in record_function ranges (class-level, this process
+    only); returns what ``uninstall_ranges`` needs to undo it."""
+    saved = [(HouseholderRotation, "forward", HouseholderRotation.__dict__["forward"])]
     for label, targets in RANGES.items():
         for cls, attr in targets:
             original = cls.__dict__[attr]
+            saved.append((cls, attr, original))
 
             @functools.wraps(original)
             def wrapper(self, *a, __original=original, __label=label, **kw):
@@ -211,6 +212,12 @@ def install_ranges() -> None:
                     return __original(self, *a, **kw)
             setattr(cls, attr, wrapper)
     HouseholderRotation.forward = HouseholderRotation.rotate
+    return saved
+
+
+def uninstall_ranges(saved: list) -> None:
+    for cls, attr, original in reversed(saved):
+        setattr(cls, attr, original)
 
 
 def profile_summary(step, steps: int, device: str, top: int) -> dict:
@@ -273,7 +280,7 @@ def main() -> None:
 
         module, init_s = wrapped_module(layer, config, rotary_emb, x, quant, optim)
         total_steps = args.warmup + args.repeats
-        wrapped = synchronized(wrapped_step_fn(module, x, y, total_steps * 3), args.device)
+        wrapped = synchronized(wrapped_step_fn(module, x, y, total_steps * 3 + args.profile_steps), args.device)
         fp = synchronized(fp_step_fn(layer, config, rotary_emb, x, y, optim), args.device)
         # Alternate fp / wrapped / fp so both see the same background load; fp is the mean of two medians.
         fp_a = median_time(fp, repeats=args.repeats, warmup=args.warmup)
@@ -292,7 +299,14 @@ def main() -> None:
             row["fake-quant share"] = (wrapped_s - noquant_s) / wrapped_s
         row["init s (PCA + clip search)"] = init_s
         rows.append(row)
-        results[name] = {"row": row, "fp_step_s_runs": [fp_a, fp_b],
+        profile = None
+        if args.profile_steps > 0:  # the same initialized module, a few more steps
+            saved = install_ranges()
+            try:
+                profile = profile_summary(wrapped, args.profile_steps, args.device, args.profile_top)
+            finally:
+                uninstall_ranges(saved)
+        results[name] = {"row": row, "profile": profile, "fp_step_s_runs": [fp_a, fp_b],
                          "trainable_params_wrapped": sum(p.numel() for p in module.block.parameters()
                                                          if p.requires_grad),
                          "trainable_params_fp": sum(p.numel() for p in layer.parameters())}
@@ -300,29 +314,19 @@ def main() -> None:
     print(f"\nCalibration step, batch {args.batch} × seq {args.seq_len}, fp32, device {args.device}, "
           f"threads {args.threads} (median of {args.repeats})\n")
     print_markdown_table(rows)
-
-    if args.profile_steps > 0:
-        install_ranges()
-        for name in args.models:
-            layer, config, rotary_emb = build_source(name, args)
-            generator = torch.Generator().manual_seed(args.seed + 1)
-            x = (args.input_std * torch.randn(args.batch, args.seq_len, config.hidden_size,
-                                              generator=generator)).to(args.device)
-            y = torch.randn_like(x)
-            module, _ = wrapped_module(layer, config, rotary_emb, x, quant, optim)
-            step = synchronized(wrapped_step_fn(module, x, y, 10 * args.profile_steps), args.device)
-            step()  # warm-up
-            summary = profile_summary(step, args.profile_steps, args.device, args.profile_top)
-            results[name]["profile"] = summary
-            print(f"\nProfile of the wrapped step, {name} ({args.profile_steps} steps; "
-                  f"self time {summary['self_time_ms_per_step']:.0f} ms/step; profiler overhead included)\n")
-            print_markdown_table([{"op family (self time)": k, "ms/step": v["ms/step"], "share": v["share"]}
-                                  for k, v in summary["families"].items()])
-            print()
-            print_markdown_table([{"forward range (inclusive)": k, "ms/step": v}
-                                  for k, v in sorted(summary["forward_ranges_ms_per_step"].items())])
-            print()
-            print_markdown_table(summary["top_ops"])
+    for name in args.models:
+        summary = results[name]["profile"]
+        if summary is None:
+            continue
+        print(f"\nProfile of the wrapped step, {name} ({args.profile_steps} steps; "
+              f"self time {summary['self_time_ms_per_step']:.0f} ms/step, profiler overhead included)\n")
+        print_markdown_table([{"op family (self time)": k, "ms/step": v["ms/step"], "share": v["share"]}
+                              for k, v in summary["families"].items()])
+        print()
+        print_markdown_table([{"forward range (inclusive)": k, "ms/step": v}
+                              for k, v in sorted(summary["forward_ranges_ms_per_step"].items())])
+        print()
+        print_markdown_table(summary["top_ops"])
 
     write_json_atomic(args.json, {"args": vars(args), "quant": quant.to_dict(), "machine": machine_info(),
                                   "rows": rows, "details": results})

@@ -33,9 +33,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
 
-from .models import SUPPORTED_MODEL_TYPES, check_supported
 from .linear import FoldedLinear, HHLinear, InputTransform, rotate_blocks
-from .quantizers import OFF_BITS, ActivationQuantizer, WeightQuantizer, WeightInit
+from .models import SUPPORTED_MODEL_TYPES, check_supported
+from .quantizers import ActivationQuantizer, WeightInit, WeightQuantizer
 from .rotation import ROTATION_INITS, HouseholderRotation, RotationInit
 
 ORotationMode = Literal["head", "full", "none"]
@@ -397,8 +397,3 @@ def wrap_model(model: nn.Module, quant: BlockQuantConfig, layer_indices: list[in
     for index in range(len(layers)) if layer_indices is None else layer_indices:
         layers[index] = HHDecoderBlock(layers[index], model.config, model.model.rotary_emb, quant, index)
     return model
-
-
-def quantization_active(quant: BlockQuantConfig) -> bool:
-    """Whether ``quant`` quantizes anything at all."""
-    return min(quant.w_bits, quant.a_bits, quant.kv_bits) < OFF_BITS

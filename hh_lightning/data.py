@@ -38,8 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hh_lightning.files import remove_leftovers
-from hh_lightning.files import fsync_path, sha256_file
+from hh_lightning.files import fsync_path, remove_leftovers, sha256_file
 from hh_lightning.models import decoder_layers
 
 log = logging.getLogger(__name__)

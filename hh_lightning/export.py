@@ -40,9 +40,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .block import HHDecoderBlock, BlockQuantConfig, wrap_model
-from .linear import FoldedLinear
+from .block import BlockQuantConfig, HHDecoderBlock, wrap_model
 from .files import fsync_path, sha256_file
+from .linear import FoldedLinear
 
 __all__ = [
     "FORMAT_NAME",

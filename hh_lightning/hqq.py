@@ -51,8 +51,8 @@ iterations; at LLM scale, where the prox is inactive, it makes no difference.
 from __future__ import annotations
 
 import math
-from numbers import Integral
 from dataclasses import dataclass
+from numbers import Integral
 
 import torch
 

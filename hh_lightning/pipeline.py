@@ -15,7 +15,6 @@ import gc
 import inspect
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from .block import HHDecoderBlock, wrap_model
+from .block import HHDecoderBlock
 from .callbacks import (
     FoldExportCallback,
     RotationInitCallback,
@@ -39,10 +38,10 @@ from .callbacks import (
 from .data import tokenize_text, write_boundary_file
 from .datamodule import BlockActivationDataModule
 from .evaluation import perplexity
+from .files import directory_lock, remove_leftovers, write_text_atomic
 from .models import config_hash
 from .module import HHBlockModule
 from .parallel import WorkerInfo, run_in_processes
-from .files import directory_lock, remove_leftovers, write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -5,13 +5,21 @@ import shutil
 
 import pytest
 import torch
+from tiny_models import tiny_model
 from torch import nn
 
 from hh_lightning import __version__
 from hh_lightning.block import BlockQuantConfig, wrap_model
-from hh_lightning.export import (QUANT_CONFIG_NAME, WEIGHTS_NAME, load_quantized, pack_codes, packed_numel,
-                                 quantized_weight_bytes, save_quantized, unpack_codes)
-from tiny_models import tiny_model
+from hh_lightning.export import (
+    QUANT_CONFIG_NAME,
+    WEIGHTS_NAME,
+    load_quantized,
+    pack_codes,
+    packed_numel,
+    quantized_weight_bytes,
+    save_quantized,
+    unpack_codes,
+)
 
 OFF = dict(w_bits=16, a_bits=16, kv_bits=16)
 # Large enough that per-channel scales don't dominate the byte count.

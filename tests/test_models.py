@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
-
 import tiny_models
+import torch
 
 from hh_lightning.models import (
     SMOLLM2_GGUF_NAME,

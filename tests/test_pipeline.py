@@ -13,13 +13,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tiny_models import WIKITEXT_DIR, save_tiny_checkpoint
 
 from hh_lightning.block import BlockQuantConfig
 from hh_lightning.cli import main
 from hh_lightning.datamodule import BlockActivationDataModule
 from hh_lightning.module import HHBlockModule, OptimConfig
 from hh_lightning.pipeline import PipelineConfig, QuantizationRun
-from tiny_models import WIKITEXT_DIR, save_tiny_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not (WIKITEXT_DIR / "wiki.test.raw").is_file(), reason="needs WikiText-2 raw")

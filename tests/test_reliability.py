@@ -23,14 +23,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_pipeline import CHILD_ENV, REPO, assert_same_model, make_config, write_config
+from tiny_models import WIKITEXT_DIR, save_tiny_checkpoint
 
 from hh_lightning import callbacks, data
 from hh_lightning.cli import main
 from hh_lightning.export import load_quantized
 from hh_lightning.files import sha256_file
 from hh_lightning.module import HHBlockModule
-from test_pipeline import CHILD_ENV, REPO, assert_same_model, make_config, write_config
-from tiny_models import WIKITEXT_DIR, save_tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not (WIKITEXT_DIR / "wiki.test.raw").is_file(), reason="needs WikiText-2 raw")
 

@@ -2,15 +2,13 @@
 
 import pytest
 import torch
+from tiny_models import tiny_model
 
 from hh_lightning.block import LINEAR_NAMES, BlockQuantConfig, wrap_model
 from hh_lightning.export import load_quantized, quantized_weight_bytes, save_quantized
 from hh_lightning.hqq import rtn_quantize
 from hh_lightning.linear import FoldedLinear
 from hh_lightning.weight_only import quantize_weights_hqq, weight_only_config
-from tiny_models import tiny_model
-
-
 
 
 def _logits(model, tokens):
