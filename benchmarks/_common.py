@@ -31,6 +31,19 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
     return statistics.median(times)
 
 
+def synchronized(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    """``fn`` followed by a CUDA synchronize on GPU, so timings include the kernels it launched."""
+    if not device.startswith("cuda"):
+        return fn
+
+    def run() -> Any:
+        result = fn()
+        torch.cuda.synchronize()
+        return result
+
+    return run
+
+
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace``."""
     path = Path(path)

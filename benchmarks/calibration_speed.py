@@ -52,7 +52,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import machine_info, median_time, print_markdown_table, write_json_atomic  # noqa: E402
+from _common import machine_info, median_time, print_markdown_table, synchronized, write_json_atomic  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
 from transformers.masking_utils import create_causal_mask  # noqa: E402
 
@@ -112,15 +112,6 @@ def build_source(name: str, args: argparse.Namespace):
                 parameter.normal_(0.0, 0.1)
     model.to(args.device)
     return model.model.layers[0], config, model.model.rotary_emb
-
-
-def synchronized(fn, device: str):
-    if device.startswith("cuda"):
-        def run():
-            fn()
-            torch.cuda.synchronize()
-        return run
-    return fn
 
 
 def fp_step_fn(layer, config, rotary_emb, x, y, optim: OptimConfig):

@@ -38,8 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import machine_info, median_time, print_markdown_table, write_json_atomic  # noqa: E402
-
+from _common import machine_info, median_time, print_markdown_table, synchronized, write_json_atomic  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from hh_lightning.block import BlockQuantConfig, wrap_model  # noqa: E402
@@ -73,15 +72,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     return parser.parse_args()
-
-
-def synchronized(fn, device: str):
-    if device.startswith("cuda"):
-        def run():
-            fn()
-            torch.cuda.synchronize()
-        return run
-    return fn
 
 
 def build_models(args: argparse.Namespace):
