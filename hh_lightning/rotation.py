@@ -310,12 +310,36 @@ class HouseholderRotation(nn.Module):
                               torch.Generator().manual_seed(seed))
         self.vectors.copy_(normalize_vectors(torch.cat([pca.to(self.vectors), rest.to(self.vectors)])))
 
+    def _frozen_matrix(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Dense ``R`` cached across calls, when no gradient is needed and it is cheaper.
+
+        At inference the vectors do not change, so building ``R`` once turns each
+        call into one GEMM (``n·d²``), against about ``2ndk + nk²`` for the WY
+        form. The cache is keyed on the parameter's version counter, which every
+        in-place update (an optimizer step, ``load_state_dict``, an init) bumps.
+        """
+        if torch.is_grad_enabled() or 2 * self.num_reflections < self.dim:
+            return None
+        key = (self.vectors._version, self.vectors.data_ptr(), x.device, x.dtype)
+        cached = getattr(self, "_matrix_cache", None)
+        if cached is None or cached[0] != key:
+            matrix = householder_matrix(self.vectors.detach().float())
+            cached = (key, matrix.to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32)))
+            self._matrix_cache = cached
+        return cached[1]
+
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x R`` for ``x`` of shape ``(..., d)``; also ``W ↦ W R`` for a weight."""
+        matrix = self._frozen_matrix(x)
+        if matrix is not None:
+            return (x.to(matrix.dtype) @ matrix).to(x.dtype)
         return householder_apply(x, self.vectors)
 
     def rotate_transposed(self, x: torch.Tensor) -> torch.Tensor:
         """``x Rᵀ`` (the inverse rotation) for ``x`` of shape ``(..., d)``."""
+        matrix = self._frozen_matrix(x)
+        if matrix is not None:
+            return (x.to(matrix.dtype) @ matrix.T).to(x.dtype)
         return householder_apply(x, self.vectors, transpose=True)
 
     forward = rotate

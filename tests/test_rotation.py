@@ -159,3 +159,17 @@ def test_auto_method_picks_the_cheapest_order() -> None:
 def test_householder_matrix_matches_dense_product() -> None:
     vectors = torch.randn(6, 10, dtype=torch.float64)
     assert torch.allclose(householder_matrix(vectors), _dense_product(vectors), atol=1e-12)
+
+
+def test_inference_cache_matches_wy_and_follows_updates() -> None:
+    torch.manual_seed(3)
+    rotation = HouseholderRotation(32, 32, init="random")
+    x = torch.randn(7, 32)
+    with torch.no_grad():
+        cached = rotation.rotate(x)
+        assert hasattr(rotation, "_matrix_cache")
+        assert torch.allclose(cached, householder_apply(x, rotation.vectors), atol=1e-5)
+        assert torch.allclose(rotation.rotate_transposed(cached), x, atol=1e-5)
+        rotation.vectors.add_(0.5)  # an in-place update must invalidate the cache
+        assert torch.allclose(rotation.rotate(x), householder_apply(x, rotation.vectors), atol=1e-5)
+    assert rotation.rotate(x).requires_grad  # with gradients on, the WY path runs
