@@ -67,7 +67,7 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> str:
     write_json_atomic(run_dir / "summary.json", results)
     write_text_atomic(run_dir / "summary.md", text)
     if layer_rows:
-        plot_layer_mse({"initialized (PCA + clip init)": [(r["layer"], r["mse_init"]) for r in layer_rows],
+        plot_layer_mse({"initialized (rotation init + clip init)": [(r["layer"], r["mse_init"]) for r in layer_rows],
                         "trained": [(r["layer"], r["mse_final"]) for r in layer_rows]},
                        run_dir / "layer_mse.png", "Per-layer block MSE")
     return text
