@@ -74,19 +74,21 @@ def make_weight(index: int, seed: int, std: float) -> tuple[str, tuple[int, int]
     return distribution, shape, std * weight
 
 
-def reference_quantize(weight: torch.Tensor, bits: int) -> tuple[torch.Tensor, dict]:
+def reference_quantize(weight: torch.Tensor, bits: int, group_size: int = GROUP_SIZE,
+                       axis: int = AXIS) -> tuple[torch.Tensor, dict]:
+    """The `hqq` package's HQQ codes and metadata for `weight` (its defaults, float32 compute)."""
     from hqq.core.quantize import Quantizer
 
     return Quantizer.quantize(
         weight,
         nbits=bits,
-        group_size=GROUP_SIZE,
+        group_size=group_size,
         optimize=True,
         round_zero=False,
-        axis=AXIS,
+        axis=axis,
         bitpack=False,
         compute_dtype=torch.float32,
-        device="cpu",
+        device=str(weight.device),
     )
 
 

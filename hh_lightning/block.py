@@ -197,6 +197,9 @@ class HHDecoderBlock(nn.Module):
         self.act_fn = layer.mlp.act_fn
         self.input_norm, input_gamma = _weightless_norm(layer.input_layernorm)
         self.post_attention_norm, post_gamma = _weightless_norm(layer.post_attention_layernorm)
+        # Kept (not saved) so a weight-only quantizer can undo the fold: see weight_only.py.
+        self.register_buffer("input_gamma", input_gamma, persistent=False)
+        self.register_buffer("post_attention_gamma", post_gamma, persistent=False)
 
         dims = quant.rotation_dims(config)
         rotations = {name: self._make_rotation(name, dim, index) for index, (name, dim) in enumerate(dims.items())}
@@ -221,6 +224,8 @@ class HHDecoderBlock(nn.Module):
         self.k_quantizer = ActivationQuantizer(bits=quant.kv_bits, symmetric=quant.kv_symmetric)
         self.v_quantizer = ActivationQuantizer(bits=quant.kv_bits, symmetric=quant.kv_symmetric)
         self._statistics: dict[str, list[torch.Tensor]] | None = None
+        # Rotations, smoothing and quantizer parameters are created on the CPU; join the layer's device.
+        self.to(attn.q_proj.weight.device)
 
     # ---------------------------------------------------------------- building
     def _make_rotation(self, name: str, dim: int, index: int) -> HouseholderRotation | None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_model, save_model
 
@@ -35,13 +36,22 @@ class RotationInitCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: HHBlockModule) -> None:
         if bool(pl_module.initialized) or pl_module.quant.rotation_init != "pca":
             return
-        dataset = trainer.datamodule.train_dataset
-        count = len(dataset) if self.statistics_samples is None else min(self.statistics_samples, len(dataset))
-        statistics = None
-        for index in range(count):
-            x, _ = dataset[index]
-            statistics = pl_module.block.collect_statistics(x[None].to(pl_module.device), statistics)
-        pl_module.block.init_rotations_pca_(statistics)
+        init_rotations_from_dataset_(pl_module.block, trainer.datamodule.train_dataset, self.statistics_samples,
+                                     pl_module.device)
+
+
+def init_rotations_from_dataset_(block: HHDecoderBlock, dataset: Any, count: int | None = None,
+                                 device: torch.device | str = "cpu") -> None:
+    """PCA-initialize ``block``'s rotations from the inputs ``x`` of the first ``count`` pairs of ``dataset``.
+
+    ``dataset[i]`` is an ``(x, y)`` pair with ``x`` ``(seq_len, hidden)``; ``None`` uses all of it.
+    """
+    count = len(dataset) if count is None else min(count, len(dataset))
+    statistics = None
+    for index in range(count):
+        x, _ = dataset[index]
+        statistics = block.collect_statistics(x[None].to(device), statistics)
+    block.init_rotations_pca_(statistics)
 
 
 class WeightQuantizerInitCallback(Callback):

@@ -58,12 +58,22 @@ class QuantizeCLI(LightningCLI):
             print((Path(pipeline.run_dir).expanduser() / "summary.md").read_text())
 
 
-def main(args: list[str] | None = None) -> QuantizeCLI:
+def main(args: list[str] | None = None, run: bool = True) -> QuantizeCLI:
+    """Parse ``args`` (default ``sys.argv``) and, with ``run``, execute the subcommand.
+
+    With ``run=False`` the arguments carry no subcommand (``["--config", path, ...]``) and the
+    returned CLI only holds the instantiated recipe: ``quantization_run(cli)`` turns it into a run.
+    """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Each layer builds a Trainer; its device banner and tips would repeat once per layer.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
     # Before Lightning builds a Trainer: a torchrun/SLURM worker must not look like a DDP rank.
     launched = launcher_worker()
-    return QuantizeCLI(HHBlockModule, BlockActivationDataModule, launched=launched, args=args,
+    return QuantizeCLI(HHBlockModule, BlockActivationDataModule, launched=launched, args=args, run=run,
                        save_config_callback=None, subclass_mode_model=False, subclass_mode_data=False,
                        auto_configure_optimizers=False, trainer_defaults={"enable_model_summary": False})
+
+
+def quantization_run(cli: QuantizeCLI) -> QuantizationRun:
+    """The ``QuantizationRun`` of a CLI built with ``run=False``."""
+    return QuantizationRun(cli.model, cli.datamodule, cli.config["trainer"].as_dict(), cli.config_init["pipeline"])

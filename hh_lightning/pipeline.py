@@ -35,7 +35,7 @@ from .callbacks import (
     load_layer_artifact,
     read_layer_artifact,
 )
-from .data import tokenize_text, write_boundary_file
+from .data import tokenize_text, windows_sha256, write_boundary_file
 from .datamodule import BlockActivationDataModule
 from .evaluation import perplexity
 from .files import directory_lock, remove_leftovers, write_text_atomic
@@ -133,8 +133,10 @@ class QuantizationRun:
         hp = self.datamodule.hparams
         data = {k: hp[k] for k in ("calibration", "calibration_split", "n_samples", "val_samples", "seq_len",
                                    "seed", "input_mode")}
+        # The windows' hash tells WikiText from a generated-text fallback or another text file.
         return {"model": hp.model, "gguf_file": hp.gguf_file,
                 "config_sha256": config_hash(self.datamodule.fp_model.config),
+                "windows_sha256": windows_sha256(self.datamodule.windows),
                 "quant": self.recipe.quant.to_dict(), "optim": asdict(self.recipe.optim), "data": data,
                 "layers": self.layers}
 

@@ -284,7 +284,9 @@ class HouseholderRotation(nn.Module):
         self.init = init
         self.vectors = nn.Parameter(torch.zeros(num_reflections, dim))
         generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
+        # Built on the CPU from a CPU generator, also inside a device context (Lightning's
+        # configure_model), so a seed gives the same rotation on every device.
+        with torch.no_grad(), torch.device("cpu"):
             if init == "random":
                 vectors = torch.randn(num_reflections, dim, generator=generator)
             elif init == "hadamard":

@@ -23,8 +23,9 @@ from .quantizers import OFF_BITS, quantize_codes
 
 __all__ = ["quantize_weights_hqq", "weight_only_config"]
 
+# Without rotations the norm scales γ stay online (as per-channel smoothing scales), see _unfold_norm_scales_.
 _ROTATION_COUNTS_OFF = dict(qkv_reflections=0, o_reflections=0, upgate_reflections=0, down_reflections=0,
-                            kv_reflections=0, o_rotation="none", smoothing=False)
+                            kv_reflections=0, o_rotation="none", smoothing=True)
 
 
 def weight_only_config(bits: int = 4, group_size: int | None = 64, *, rotate: bool = False,
@@ -79,6 +80,23 @@ def _fp16_grid(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
 
 @torch.no_grad()
+def _unfold_norm_scales_(block: HHDecoderBlock) -> None:
+    """Make the solver see ``W`` instead of ``W · diag(γ)`` for the linears that read a norm.
+
+    A block folds each RMSNorm's ``γ`` into the weights that read it, which a
+    rotation needs. Without one, the fold only hurts a grouped grid: a few
+    large ``γ_j`` set every group's range and crush the other columns. Setting
+    the shared input transform's smoothing scales to ``c = 1/|γ|`` turns the
+    weight back into ``W · diag(sign γ)`` and moves ``|γ|`` onto the
+    activations, an online per-channel multiply; the function is unchanged.
+    """
+    floor = torch.finfo(torch.float32).tiny
+    for first, gamma in (("q_proj", block.input_gamma), ("gate_proj", block.post_attention_gamma)):
+        transform = block.linears[first].transform
+        transform.log_smoothing.copy_(-gamma.abs().clamp_min(floor).log())
+
+
+@torch.no_grad()
 def _fold_block_hqq(block: HHDecoderBlock, bits: int, group_size: int | None) -> None:
     """Replace each ``HHLinear`` of ``block`` by a ``FoldedLinear`` with HQQ codes of its ``W̃``."""
     for name in LINEAR_NAMES:
@@ -128,6 +146,9 @@ def quantize_weights_hqq(model: nn.Module, bits: int = 4, group_size: int | None
                          "run init_rotations_pca_ on each block first, or use rotation_init='hadamard'/'random'")
     if plain:
         wrap_model(model, config, layer_indices=plain)
+        if not rotate:
+            for index in plain:
+                _unfold_norm_scales_(layers[index])
     # Check every layer before folding any, so a refusal leaves the model as it was (wrapping aside).
     for index, block in enumerate(layers):
         _check_block(block, index, rotate)

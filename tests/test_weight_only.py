@@ -6,7 +6,7 @@ from tiny_models import tiny_model
 
 from hh_lightning.block import LINEAR_NAMES, BlockQuantConfig, wrap_model
 from hh_lightning.export import load_quantized, quantized_weight_bytes, save_quantized
-from hh_lightning.hqq import rtn_quantize
+from hh_lightning.hqq import hqq_quantize, rtn_quantize
 from hh_lightning.linear import FoldedLinear
 from hh_lightning.weight_only import quantize_weights_hqq, weight_only_config
 
@@ -61,6 +61,26 @@ def test_hqq_w4_g16_beats_rtn_and_stays_close_to_fp(model_type) -> None:
     # layer scrambled, so 0.1 (1.5× the worst W4) still catches a wrong grid or fold.
     error = _relative_error(_logits(model, tokens), reference)
     assert error < 0.1, error
+
+
+def test_plain_layers_are_solved_on_the_unscaled_weights() -> None:
+    """Without rotations the norm's γ stays online, so HQQ sees W, not W·diag(γ)."""
+    fp = tiny_model("llama")
+    tokens = _tokens(3)
+    layer = fp.model.layers[1]
+    gamma = layer.input_layernorm.weight.detach()
+    assert float(gamma.std()) > 0.1  # a γ far from constant, or the test could not tell the two apart
+    weight = layer.self_attn.q_proj.weight.detach()
+    model = quantize_weights_hqq(tiny_model("llama"), bits=4, group_size=16)
+    solved = model.model.layers[1].linears["q_proj"].dequantized_weight()
+    unscaled = hqq_quantize(weight * gamma.sign(), 4, 16, axis=1).dequantize()
+    scaled = hqq_quantize(weight * gamma, 4, 16, axis=1).dequantize() / gamma
+    # Only the fp16 rounding of scale and zero separates ours from the direct solve of W.
+    assert _relative_error(solved, unscaled) < 1e-2
+    assert _relative_error(solved, scaled) > 10 * _relative_error(solved, unscaled)
+    # γ moved onto the activations: at 8 bits the model is the FP model up to rounding.
+    eight_bit = quantize_weights_hqq(tiny_model("llama"), bits=8, group_size=16)
+    assert _relative_error(_logits(eight_bit, tokens), _logits(fp, tokens)) < 1e-2
 
 
 def test_w3_g16_export_round_trip(tmp_path) -> None:
