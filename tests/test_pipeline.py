@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -191,3 +192,19 @@ def test_run_dir_of_another_run_is_refused(workspace, baseline, capsys) -> None:
         main(["fit", "--config", str(write_config(tmp, config, "other"))])
     assert exit_info.value.code == 2
     assert "holds another run (differs in: quant)" in capsys.readouterr().err
+
+
+def test_run_dir_trained_on_other_calibration_text_is_refused(workspace, baseline, capsys, tmp_path) -> None:
+    """Same settings, other text (say, the generated fallback): the windows' hash tells them apart."""
+    tmp, model_dir = workspace
+    other_text = tmp_path / "wikitext"
+    shutil.copytree(WIKITEXT_DIR, other_text)
+    valid = other_text / "wiki.valid.raw"
+    valid.chmod(0o644)
+    valid.write_text("\n".join(reversed(valid.read_text().splitlines())) + "\n")
+    config = make_config(tmp, model_dir, "baseline")
+    config["data"]["data_dir"] = str(other_text)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(write_config(tmp, config, "other_text"))])
+    assert exit_info.value.code == 2
+    assert "holds another run (differs in: windows_sha256)" in capsys.readouterr().err
