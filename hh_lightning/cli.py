@@ -41,8 +41,7 @@ class QuantizeCLI(LightningCLI):
     def fit(self, model: HHBlockModule, datamodule: BlockActivationDataModule, **_: Any) -> None:
         config = self.config[self.subcommand]
         pipeline = self.config_init[self.subcommand]["pipeline"]
-        trainer_kwargs = config["trainer"].as_dict()
-        run = QuantizationRun(model, datamodule, trainer_kwargs, pipeline)
+        run = quantization_run(self, model, datamodule)
         try:
             run.validate()
         except INPUT_ERRORS as error:
@@ -74,6 +73,16 @@ def main(args: list[str] | None = None, run: bool = True) -> QuantizeCLI:
                        auto_configure_optimizers=False, trainer_defaults={"enable_model_summary": False})
 
 
-def quantization_run(cli: QuantizeCLI) -> QuantizationRun:
-    """The ``QuantizationRun`` of a CLI built with ``run=False``."""
-    return QuantizationRun(cli.model, cli.datamodule, cli.config["trainer"].as_dict(), cli.config_init["pipeline"])
+def quantization_run(cli: QuantizeCLI, model: HHBlockModule | None = None,
+                     datamodule: BlockActivationDataModule | None = None) -> QuantizationRun:
+    """The ``QuantizationRun`` a parsed CLI describes (default: its own model and datamodule).
+
+    Reads the ``fit`` subcommand's sections when the CLI ran one, the top level otherwise
+    (a CLI built with ``run=False``).
+    """
+    config, config_init = cli.config, cli.config_init
+    if cli.subcommand is not None:
+        config, config_init = config[cli.subcommand], config_init[cli.subcommand]
+    return QuantizationRun(model if model is not None else cli.model,
+                           datamodule if datamodule is not None else cli.datamodule,
+                           config["trainer"].as_dict(), config_init["pipeline"])
