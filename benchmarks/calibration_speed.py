@@ -191,7 +191,7 @@ OP_FAMILIES = [
 def install_ranges() -> list:
     """Wrap the rotation / quantizer methods in record_function ranges (class-level, this process
     only); returns what ``uninstall_ranges`` needs to undo it."""
-    saved = [(HouseholderRotation, "forward", HouseholderRotation.__dict__["forward"])]
+    saved = []  # Rotation.forward calls self.rotate, so wrapping rotate covers forward too
     for label, targets in RANGES.items():
         for cls, attr in targets:
             original = cls.__dict__[attr]
@@ -202,7 +202,6 @@ def install_ranges() -> list:
                 with torch.profiler.record_function(__label):
                     return __original(self, *a, **kw)
             setattr(cls, attr, wrapper)
-    HouseholderRotation.forward = HouseholderRotation.rotate
     return saved
 
 

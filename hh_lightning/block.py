@@ -36,7 +36,8 @@ from transformers.models.qwen2 import modeling_qwen2
 from .linear import FoldedLinear, HHLinear, InputTransform, rotate_blocks
 from .models import SUPPORTED_MODEL_TYPES, check_supported
 from .quantizers import ActivationQuantizer, WeightInit, WeightQuantizer
-from .rotation import ROTATION_INITS, HouseholderRotation, RotationInit
+from .rotation import ROTATION_INITS, Rotation, RotationInit
+from .structured import ROTATION_STRUCTURES, STRUCTURE_INITS, RotationStructure, make_rotation
 
 ORotationMode = Literal["head", "full", "none"]
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -53,11 +54,44 @@ check_model_type = check_supported
 
 @dataclass
 class BlockQuantConfig:
-    """Bits, granularity and rotation sizes of one decoder block.
+    """Bits, granularity and rotations of one decoder block.
 
-    Reflection counts: ``0`` turns that rotation off, ``None`` means the full
-    dimension. ``rotation_init='hadamard'`` always uses the full dimension (a
-    dense Hadamard-like rotation cannot be written with fewer reflections).
+    Args:
+        w_bits: weight bits (2..8; 16 = weights not quantized).
+        w_symmetric: symmetric weight grid (zero at the middle code).
+        w_group_size: weight group size along the input dimension (``None``: per output channel).
+        w_learnable_clip: learn a clip ratio per output channel (or group).
+        w_init: weight grid init: ``minmax``, ``search`` (clip search) or ``hqq``.
+        a_bits: activation bits, per token, dynamic (2..16; 16 = off).
+        a_symmetric: symmetric activation grid.
+        a_learnable_clip: learn the activation clip ratio.
+        a_clip_ratio_init: the activation clip ratio's start, in (0, 1].
+        kv_bits: K/V cache bits, per head (2..16; 16 = off).
+        kv_symmetric: symmetric K/V grid.
+        rotation_structure: how every rotation is built (DESIGN.md 2.8):
+            ``householder`` (k learned reflections; k = d is the dense
+            reference, ``d²`` numbers per rotation), ``kronecker``
+            (``diag(s)·(A ⊗ B)`` with full Householder factors, ``a² + b²``
+            numbers) or ``hadamard_householder`` (a fixed randomized Hadamard,
+            then k learned reflections, ``k·d`` numbers).
+        qkv_reflections: reflections of ``R_qkv`` (0 = off, ``None`` = d).
+        o_rotation: ``head`` (a head-dim ``R_o`` folded into v/o), ``full``
+            (online on o_proj's input) or ``none``.
+        o_reflections: reflections of ``R_o``.
+        upgate_reflections: reflections of ``R_upgate``.
+        down_reflections: reflections of ``R_down``.
+        kv_reflections: reflections of the head-dim rotation of Q/K ahead of KV quantization.
+        rotation_init: start of the learned part: ``identity``, ``random``,
+            ``hadamard`` (householder: a dense randomized Hadamard, k = d;
+            kronecker: Hadamard-like factors and random signs) or ``pca``
+            (householder and hadamard_householder: top principal directions
+            mapped onto flat ones).
+        smoothing: learn per-channel smoothing scales folded into the weights.
+        seed: base seed of the rotations (each rotation's seed adds a stride per layer).
+
+    Reflection counts matter for ``householder`` and ``hadamard_householder``;
+    for ``kronecker`` only 0 (off) is read. ``householder`` with
+    ``rotation_init='hadamard'`` always uses the full dimension.
     """
 
     w_bits: int = 4
@@ -71,6 +105,7 @@ class BlockQuantConfig:
     a_clip_ratio_init: float = 0.98
     kv_bits: int = 16
     kv_symmetric: bool = False
+    rotation_structure: RotationStructure = "householder"
     qkv_reflections: int | None = 64
     o_rotation: ORotationMode = "head"
     o_reflections: int | None = None
@@ -106,7 +141,10 @@ class BlockQuantConfig:
     def reflections(self, name: str, dim: int) -> int:
         """Reflection count of rotation ``name`` of size ``dim`` (0 = off)."""
         count = getattr(self, f"{name}_reflections")
-        if self.rotation_init == "hadamard" and count != 0:
+        if count == 0:
+            return 0
+        if self.rotation_structure == "kronecker" or (self.rotation_structure == "householder"
+                                                      and self.rotation_init == "hadamard"):
             return dim
         return dim if count is None else count
 
@@ -115,6 +153,13 @@ class BlockQuantConfig:
         check_model_type(config)
         if self.rotation_init not in ROTATION_INITS:
             raise ValueError(f"quant.rotation_init={self.rotation_init!r} is not one of {ROTATION_INITS}")
+        if self.rotation_structure not in ROTATION_STRUCTURES:
+            raise ValueError(f"quant.rotation_structure={self.rotation_structure!r} is not one of "
+                             f"{ROTATION_STRUCTURES}")
+        allowed = STRUCTURE_INITS[self.rotation_structure]
+        if self.rotation_init not in allowed:
+            raise ValueError(f"quant.rotation_init={self.rotation_init!r} is not available with "
+                             f"quant.rotation_structure={self.rotation_structure!r}; choose one of {allowed}")
         if self.o_rotation not in ("head", "full", "none"):
             raise ValueError(f"quant.o_rotation={self.o_rotation!r} is not one of ('head', 'full', 'none')")
         for name, dim in self.rotation_dims(config).items():
@@ -228,16 +273,15 @@ class HHDecoderBlock(nn.Module):
         self.to(attn.q_proj.weight.device)
 
     # ---------------------------------------------------------------- building
-    def _make_rotation(self, name: str, dim: int, index: int) -> HouseholderRotation | None:
+    def _make_rotation(self, name: str, dim: int, index: int) -> Rotation | None:
         count = self.quant.reflections(name, dim)
         if count == 0:
             return None
         # The seed depends only on the layer, so layer order and parallelism don't change results.
         seed = self.quant.seed + 1000 * self.layer_idx + index
-        init = "identity" if self.quant.rotation_init == "pca" else self.quant.rotation_init
-        return HouseholderRotation(dim, count, init=init, seed=seed)
+        return make_rotation(self.quant.rotation_structure, dim, count, self.quant.rotation_init, seed)
 
-    def _make_transform(self, dim: int, rotation: HouseholderRotation | None,
+    def _make_transform(self, dim: int, rotation: Rotation | None,
                         smoothing: bool | None = None) -> InputTransform:
         quant = self.quant
         act = ActivationQuantizer(bits=quant.a_bits, symmetric=quant.a_symmetric,
@@ -252,7 +296,7 @@ class HHDecoderBlock(nn.Module):
         return HHLinear(linear, transform, weight_quantizer, **rotations)
 
     # --------------------------------------------------------------- accessors
-    def rotations(self) -> dict[str, HouseholderRotation]:
+    def rotations(self) -> dict[str, Rotation]:
         """The enabled rotations by name: ``qkv``, ``o``, ``upgate``, ``down``, ``kv``."""
         found = {
             "qkv": self.linears["q_proj"].transform.rotation,
@@ -290,7 +334,7 @@ class HHDecoderBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Any = None,
-                use_cache: bool | None = False,
+                use_cache: bool | None = False, cache: Any = None,
                 position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
                 **kwargs: Any) -> torch.Tensor:
         """``hidden_states``: ``(batch, seq, hidden)``; returns the same shape.
@@ -300,6 +344,9 @@ class HHDecoderBlock(nn.Module):
         model's own mask, position embeddings and cache are used.
         """
         batch, length, _ = hidden_states.shape
+        # transformers ≥ 5.x hands the KV cache over as ``cache``; older versions as ``past_key_values``.
+        # Ignoring either silently drops the cache: decoding then attends to the new token alone.
+        past_key_values = cache if cache is not None else past_key_values
         if position_embeddings is None:  # standalone: the model did not prepare RoPE and the mask
             if position_ids is None:
                 offset = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -373,8 +420,9 @@ class HHDecoderBlock(nn.Module):
     def init_rotations_pca_(self, statistics: dict[str, list[torch.Tensor]]) -> None:
         """PCA-initialize every rotation from ``collect_statistics`` sums."""
         for name, rotation in self.rotations().items():
-            total, count = statistics[name]
-            rotation.init_pca_((total / count).to(rotation.vectors.device), seed=self.quant.seed + self.layer_idx)
+            if rotation.supports_pca:
+                total, count = statistics[name]
+                rotation.init_pca_((total / count).to(rotation._device()), seed=self.quant.seed + self.layer_idx)
 
     @torch.no_grad()
     def initialize_weight_quantizers(self, method: WeightInit | None = None) -> None:

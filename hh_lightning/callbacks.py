@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_model, save_model
 
 from .block import HHDecoderBlock
+from .export import pack_block_codes_, unpack_block_codes_
 from .files import sha256_file, write_text_atomic
 from .module import HHBlockModule, block_mse
 from .quantizers import WeightInit
@@ -75,12 +76,16 @@ def write_layer_artifact(folded_block: HHDecoderBlock, directory: Path, metrics:
     """Save a folded block atomically: weights first, then the metadata that vouches for them.
 
     The metadata (written last, by rename) holds the weights' size and sha256,
-    so a present metadata file means a complete, verifiable artifact.
+    so a present metadata file means a complete, verifiable artifact. Codes
+    are stored bit-packed, as in the export.
     """
     directory.mkdir(parents=True, exist_ok=True)
     weights_path, meta_path = artifact_paths(directory, folded_block.layer_idx)
     temporary = weights_path.with_name(f".{weights_path.name}.{os.getpid()}.tmp")
-    save_model(folded_block, str(temporary))
+    try:
+        save_model(pack_block_codes_(folded_block), str(temporary))
+    finally:
+        unpack_block_codes_(folded_block)
     os.replace(temporary, weights_path)
     meta = {**metrics, "layer": folded_block.layer_idx, "quant": folded_block.quant.to_dict(),
             "bytes": weights_path.stat().st_size, "sha256": sha256_file(weights_path)}
@@ -107,9 +112,9 @@ def read_layer_artifact(directory: Path, layer_index: int, verify: bool = True) 
 def load_layer_artifact(block: HHDecoderBlock, directory: Path) -> HHDecoderBlock:
     """Fold ``block`` (fixing buffer shapes) and load its saved artifact into it."""
     weights_path, _ = artifact_paths(directory, block.layer_idx)
-    block.fold_()
+    pack_block_codes_(block.fold_())  # the packed shapes the file holds
     load_model(block, str(weights_path))
-    return block
+    return unpack_block_codes_(block)
 
 
 class FoldExportCallback(Callback):

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -50,15 +51,18 @@ __all__ = [
     "QUANT_CONFIG_NAME",
     "WEIGHTS_NAME",
     "load_quantized",
+    "export_size",
+    "fp16_model_bytes",
     "pack_codes",
     "packed_numel",
-    "quantized_weight_bytes",
     "save_quantized",
     "unpack_codes",
 ]
 
 FORMAT_NAME = "hh_lightning"
-FORMAT_VERSION = 1
+# 2: rotation structures (``rotation_structure``, per-rotation ``spec``); embeddings and norms in a
+# storage dtype. Version 1 files (plain Householder rotations) still load.
+FORMAT_VERSION = 2
 WEIGHTS_NAME = "model.safetensors"
 QUANT_CONFIG_NAME = "quantization_config.json"
 ROTATION_NAMES = ("qkv", "o", "upgate", "down", "kv")
@@ -140,6 +144,22 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | torch
     return codes.reshape(-1)[:numel].reshape(shape)
 
 
+def pack_block_codes_(block: HHDecoderBlock) -> HHDecoderBlock:
+    """Replace every folded linear's codes by their packed 1-D bytes (in place), e.g. before saving."""
+    for module in block.linears.values():
+        if isinstance(module, FoldedLinear) and module.codes is not None and module.codes.dim() == 2:
+            module.codes = pack_codes(module.codes, module.bits)
+    return block
+
+
+def unpack_block_codes_(block: HHDecoderBlock) -> HHDecoderBlock:
+    """Inverse of ``pack_block_codes_``: codes back to ``(out, in)`` uint8 (in place)."""
+    for module in block.linears.values():
+        if isinstance(module, FoldedLinear) and module.codes is not None and module.codes.dim() == 1:
+            module.codes = unpack_codes(module.codes, module.bits, (module.out_features, module.in_features))
+    return block
+
+
 # --------------------------------------------------------------------------
 # Model introspection
 # --------------------------------------------------------------------------
@@ -175,7 +195,8 @@ def _rebuilt_keys(prefix: str, block: HHDecoderBlock) -> set[str]:
     """Keys of ``block`` the loader rebuilds itself, so the file need not hold them."""
     keys = {f"{prefix}.input_norm.weight", f"{prefix}.post_attention_norm.weight"}
     if block.quant.o_rotation == "head" and block.o_rotation is not None:
-        keys.add(f"{prefix}.o_rotation.vectors")  # merged into v_proj/o_proj by fold()
+        # Merged into v_proj/o_proj by fold(): nothing of it runs online.
+        keys |= {f"{prefix}.o_rotation.{key}" for key in block.o_rotation.state_dict()}
     return keys
 
 
@@ -227,6 +248,17 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dtype in (torch.float32, torch.float64) and torch.equal(tensor.half().to(tensor.dtype), tensor):
         return tensor.half()
     return tensor
+
+
+def _sixteen_bit(tensor: torch.Tensor, fallback: torch.dtype) -> torch.Tensor:
+    """``tensor`` in a 16-bit float: bf16 or fp16 where that is exact (a bf16 model loaded in fp32),
+    else ``fallback`` (rounded)."""
+    tensor = tensor.detach().cpu()
+    for dtype in (torch.bfloat16, torch.float16):
+        cast = tensor.to(dtype)
+        if torch.equal(cast.to(tensor.dtype), tensor):
+            return cast
+    return tensor.to(fallback)
 
 
 # --------------------------------------------------------------------------
@@ -308,9 +340,13 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 # Save
 # --------------------------------------------------------------------------
-def _collect_tensors(model: nn.Module, blocks: dict[str, HHDecoderBlock]
+def _collect_tensors(model: nn.Module, blocks: dict[str, HHDecoderBlock], storage_dtype: torch.dtype
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[dict[str, Any]]]:
-    """The tensors to write, the aliases, and per-layer metadata."""
+    """The tensors to write, the aliases, and per-layer metadata.
+
+    Float tensors outside the decoder blocks (embeddings, lm_head, the final
+    norm) are stored in ``storage_dtype``; the blocks' own tensors keep theirs.
+    """
     folded = {f"{prefix}.linears.{name}": module for prefix, block in blocks.items()
               for name, module in block.linears.items()}
     rebuilt: set[str] = set()
@@ -336,6 +372,8 @@ def _collect_tensors(model: nn.Module, blocks: dict[str, HHDecoderBlock]
             value = pack_codes(value.cpu(), module.bits)
         elif module is not None and leaf in ("scale", "zero"):
             value = _compact(value)
+        elif value.is_floating_point() and not any(key.startswith(f"{prefix}.") for prefix in blocks):
+            value = _sixteen_bit(value, storage_dtype)
         tensors[key] = value.detach().cpu().contiguous()
 
     # safetensors refuses distinct entries over one storage (e.g. views); give those their own copy.
@@ -353,22 +391,38 @@ def _collect_tensors(model: nn.Module, blocks: dict[str, HHDecoderBlock]
     for prefix, block in blocks.items():
         entry: dict[str, Any] = {
             "prefix": prefix,
-            "rotations": {name: {"dim": rotation.dim, "reflections": rotation.num_reflections}
-                          for name, rotation in block.rotations().items()},
+            "rotations": {name: rotation.spec() for name, rotation in block.rotations().items()},
             "linears": {name: _linear_entry(module) for name, module in block.linears.items()},
         }
         layers_meta.append(entry)
     return tensors, aliases, layers_meta
 
 
+def model_storage_dtype(config: Any) -> torch.dtype:
+    """The 16-bit dtype for tensors that are not exactly bf16 or fp16: ``config.dtype`` if it is one, else fp16.
+
+    A bf16 or fp16 checkpoint loaded in fp32 casts back without loss (the
+    exact cast is found per tensor). Weights that fit neither exactly, as a
+    GGUF dequantized to fp32, are rounded to this dtype.
+    """
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
+
+
 def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None,
-                   extra_metadata: dict[str, Any] | None = None) -> Path:
+                   extra_metadata: dict[str, Any] | None = None,
+                   storage_dtype: torch.dtype | None = None) -> Path:
     """Write a folded model to ``directory`` (replacing it atomically); returns its path.
 
     ``model``: a transformers causal LM (Qwen2/Llama) whose every decoder
     layer is an ``HHDecoderBlock`` after ``fold_()``. ``tokenizer``: saved
     alongside when given. ``extra_metadata``: JSON-serializable, stored
-    under ``"extra"`` in ``quantization_config.json``.
+    under ``"extra"`` in ``quantization_config.json``. ``storage_dtype``: the
+    16-bit dtype of the embeddings, lm_head and final norm where neither bf16
+    nor fp16 holds them exactly (default ``model_storage_dtype(model.config)``);
+    the loader casts them back to the model's dtype.
 
     Everything is written to a hidden sibling directory first and renamed
     into place at the end, so a crash never leaves a partial directory
@@ -385,7 +439,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
     except TypeError as error:
         raise ValueError(f"extra_metadata must be JSON-serializable: {error}") from error
 
-    tensors, aliases, layers_meta = _collect_tensors(model, blocks)
+    storage_dtype = storage_dtype or model_storage_dtype(model.config)
+    tensors, aliases, layers_meta = _collect_tensors(model, blocks, storage_dtype)
     first_block = next(iter(blocks.values()))
     global_quant = first_block.quant.to_dict()
     for entry, block in zip(layers_meta, blocks.values()):
@@ -412,6 +467,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
             "hh_lightning_version": __version__,
             "model_type": model.config.model_type,
             "dtype": _dtype_name(embedding.dtype),
+            "storage_dtype": _dtype_name(storage_dtype),
             "block_quant_config": global_quant,
             "layers": layers_meta,
             "aliases": aliases,
@@ -432,16 +488,19 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
 # --------------------------------------------------------------------------
 # Load
 # --------------------------------------------------------------------------
-def _loading_config(saved: dict[str, Any], rotations: dict[str, dict[str, int]]) -> BlockQuantConfig:
-    """A config that builds a block with the saved rotation sizes and no costly init.
+def _loading_config(saved: dict[str, Any], rotations: dict[str, dict[str, Any]]) -> BlockQuantConfig:
+    """A config that builds a block with the saved rotation structures and no costly init.
 
-    The vectors are read from the file, so the rotations start as identity
-    (``hadamard``'s QR or a PCA would be wasted work) with the recorded counts.
+    The learned values are read from the file, so the rotations start as
+    identity (``hadamard``'s QR or a PCA would be wasted work) with the
+    recorded sizes. Version 1 files predate structures: theirs are ``householder``.
     """
     values = dict(saved)
+    values.setdefault("rotation_structure", "householder")
     values["rotation_init"] = "identity"
     for name in ROTATION_NAMES:
-        values[f"{name}_reflections"] = rotations[name]["reflections"] if name in rotations else 0
+        spec = rotations.get(name)
+        values[f"{name}_reflections"] = 0 if spec is None else spec.get("reflections", spec["dim"])
     return BlockQuantConfig.from_dict(values)
 
 
@@ -506,7 +565,12 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
         wrap_model(model, _loading_config(saved, entry["rotations"]), layer_indices=[index])
         block = layers[index]
         block.fold_()
-        saved_configs.append(BlockQuantConfig.from_dict(saved))
+        saved_configs.append(BlockQuantConfig.from_dict({"rotation_structure": "householder", **saved}))
+        built = {name: rotation.spec() for name, rotation in block.rotations().items()}
+        for name, spec in entry["rotations"].items():
+            if built.get(name, {}).get("structure", "householder") != spec.get("structure", "householder"):
+                raise ValueError(f"{directory / QUANT_CONFIG_NAME}: layer {index} rotation {name} is "
+                                 f"{spec}, but the rebuilt block has {built.get(name)}")
 
     try:
         tensors = load_file(weights_path)
@@ -541,22 +605,58 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
 # --------------------------------------------------------------------------
 # Sizes
 # --------------------------------------------------------------------------
-def quantized_weight_bytes(directory: str | os.PathLike) -> dict[str, Any]:
-    """Bytes of the quantized linears' weights in a saved model, against fp16.
+SIZE_KINDS = ("codes", "scales", "rotations", "embeddings", "other")
+_ROTATION_KEY = re.compile(r"(^|\.)(rotation|o_rotation|kv_rotation)\.")
 
-    Counts packed codes + scales + zeros of every quantized linear (biases
-    excluded), compared with ``2 · out · in`` bytes for the same weights in
-    fp16. Returns ``{"quantized_bytes", "fp16_bytes", "ratio", "by_bits":
-    {bits: {"quantized_bytes", "fp16_bytes", "ratio"}}}``.
+
+def _size_kind(key: str) -> str:
+    """Which of ``SIZE_KINDS`` a stored tensor counts under."""
+    if _ROTATION_KEY.search(key):
+        return "rotations"
+    if ".linears." in key and key.endswith((".codes", ".scale", ".zero")):
+        return "codes" if key.endswith(".codes") else "scales"
+    if "embed_tokens" in key or key.startswith("lm_head."):
+        return "embeddings"
+    return "other"
+
+
+def fp16_model_bytes(config: Any) -> int:
+    """Bytes of the model ``config`` describes in fp16: 2 per parameter (tied weights once)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return 2 * sum(parameter.numel() for parameter in model.parameters())
+
+
+def export_size(directory: str | os.PathLike) -> dict[str, Any]:
+    """The whole ``model.safetensors`` of a saved model by kind of tensor, against the FP16 model.
+
+    Returns ``{"file_bytes", "fp16_model_bytes", "ratio"`` (file / FP16 model),
+    ``"by_kind": {kind: bytes}`` over ``SIZE_KINDS`` (``other`` holds the
+    header, norms, biases and activation clip ratios; the kinds add up to the
+    file), ``"share": {kind: bytes / file}``, and ``"linears"``: the quantized
+    linears alone, ``{"quantized_bytes", "fp16_bytes", "ratio", "by_bits"}``
+    (codes + scales + zeros against ``2 · out · in`` bytes)}``.
     """
+    from transformers import AutoConfig
+
     directory = Path(directory)
     meta = _read_quant_config(directory)
-    header = _read_safetensors_header(directory / WEIGHTS_NAME)
+    path = directory / WEIGHTS_NAME
+    header = _read_safetensors_header(path)
     aliases = meta.get("aliases", {})
+    file_bytes = path.stat().st_size
 
     def nbytes(key: str) -> int:
         start, end = header[aliases.get(key, key)]["data_offsets"]
         return end - start
+
+    by_kind = dict.fromkeys(SIZE_KINDS, 0)
+    for key in header:
+        if key != "__metadata__":
+            by_kind[_size_kind(key)] += nbytes(key)
+    by_kind["other"] += file_bytes - sum(by_kind.values())  # the header
 
     by_bits: dict[int, dict[str, Any]] = {}
     for entry in meta["layers"]:
@@ -571,5 +671,8 @@ def quantized_weight_bytes(directory: str | os.PathLike) -> dict[str, Any]:
         totals["ratio"] = totals["quantized_bytes"] / totals["fp16_bytes"]
     quantized = sum(totals["quantized_bytes"] for totals in by_bits.values())
     fp16 = sum(totals["fp16_bytes"] for totals in by_bits.values())
-    return {"quantized_bytes": quantized, "fp16_bytes": fp16, "ratio": quantized / fp16 if fp16 else 0.0,
-            "by_bits": dict(sorted(by_bits.items()))}
+    reference = fp16_model_bytes(AutoConfig.from_pretrained(directory))
+    return {"file_bytes": file_bytes, "fp16_model_bytes": reference, "ratio": file_bytes / reference,
+            "by_kind": by_kind, "share": {kind: size / file_bytes for kind, size in by_kind.items()},
+            "linears": {"quantized_bytes": quantized, "fp16_bytes": fp16, "ratio": quantized / fp16 if fp16 else 0.0,
+                        "by_bits": dict(sorted(by_bits.items()))}}

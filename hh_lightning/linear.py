@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .quantizers import ActivationQuantizer, WeightQuantizer, dequantize_codes
-from .rotation import HouseholderRotation
+from .rotation import Rotation
 
 
 class InputTransform(nn.Module):
@@ -28,7 +28,7 @@ class InputTransform(nn.Module):
         smoothing: learn per-channel scales ``c = exp(log_smoothing)`` (init 1).
     """
 
-    def __init__(self, dim: int, rotation: HouseholderRotation | None = None,
+    def __init__(self, dim: int, rotation: Rotation | None = None,
                  act_quantizer: ActivationQuantizer | None = None, smoothing: bool = False) -> None:
         super().__init__()
         if rotation is not None and rotation.dim != dim:
@@ -54,11 +54,11 @@ class InputTransform(nn.Module):
         if self.log_smoothing is not None:
             weight = weight * torch.exp(self.log_smoothing).to(weight.dtype)
         if self.rotation is not None:
-            weight = self.rotation.rotate(weight)
+            weight = self.rotation.rotate_weight(weight)
         return weight
 
 
-def rotate_blocks(x: torch.Tensor, rotation: HouseholderRotation, transpose: bool = False) -> torch.Tensor:
+def rotate_blocks(x: torch.Tensor, rotation: Rotation, transpose: bool = False) -> torch.Tensor:
     """Apply one ``rotation`` of size ``b`` to every consecutive ``b``-block of the last dim.
 
     ``x``: ``(..., n·b)``; each block ``x_j`` becomes ``x_j R`` (or ``x_j Rᵀ``),
@@ -87,8 +87,8 @@ class HHLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, transform: InputTransform,
                  weight_quantizer: WeightQuantizer | None = None,
-                 output_rotation: HouseholderRotation | None = None,
-                 prerotated_input: HouseholderRotation | None = None) -> None:
+                 output_rotation: Rotation | None = None,
+                 prerotated_input: Rotation | None = None) -> None:
         super().__init__()
         self.output_rotation = output_rotation
         self.prerotated_input = prerotated_input

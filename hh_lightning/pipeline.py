@@ -15,6 +15,7 @@ import gc
 import inspect
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -65,6 +66,9 @@ class PipelineConfig:
         eval_fp: also score the full-precision model.
         export: save the packed quantized model (needs every layer quantized).
         export_dir: where it is saved (default ``run_dir/quantized``).
+        keep_checkpoints: keep each layer's Lightning checkpoints after its
+            artifact is written and verified (for debugging); by default they
+            are deleted then, since the artifact is all a rerun needs.
     """
 
     run_dir: str = "runs/default"
@@ -77,6 +81,7 @@ class PipelineConfig:
     eval_fp: bool = True
     export: bool = True
     export_dir: str | None = None
+    keep_checkpoints: bool = False
 
 
 class QuantizationRun:
@@ -164,8 +169,11 @@ class QuantizationRun:
         return list(range(count)) if self.pipeline.layers is None else sorted(set(self.pipeline.layers))
 
     # ------------------------------------------------------------- training
+    def _checkpoint_dir(self, layer_index: int) -> Path:
+        return self.run_dir / "checkpoints" / f"layer_{layer_index:03d}"
+
     def _trainer(self, layer_index: int, worker: WorkerInfo) -> L.Trainer:
-        layer_dir = self.run_dir / "checkpoints" / f"layer_{layer_index:03d}"
+        layer_dir = self._checkpoint_dir(layer_index)
         name = f"layer_{layer_index:03d}"
         kwargs = dict(self.trainer_kwargs)
         kwargs.update(worker.trainer_overrides())
@@ -186,7 +194,7 @@ class QuantizationRun:
         )
 
     def _last_checkpoint(self, layer_index: int) -> Path | None:
-        path = self.run_dir / "checkpoints" / f"layer_{layer_index:03d}" / "last.ckpt"
+        path = self._checkpoint_dir(layer_index) / "last.ckpt"
         if not path.is_file():
             return None
         try:
@@ -208,6 +216,7 @@ class QuantizationRun:
         """Train, fold and export one layer (resuming it if a checkpoint exists)."""
         if self.layer_done(layer_index):
             log.info("layer %d: artifact present, skipped", layer_index)
+            self._drop_checkpoints(layer_index)
             return
         model = self.datamodule.fp_model
         L.seed_everything(self.datamodule.hparams.seed + layer_index, verbose=False)
@@ -225,10 +234,17 @@ class QuantizationRun:
             export_block(module, self.datamodule.val_dataloader(), self.artifact_dir, trainer.global_step)
         del trainer, module
         gc.collect()  # Trainer, optimizer and module form reference cycles; free this layer now
-        meta = read_layer_artifact(self.artifact_dir, layer_index, verify=False)
+        meta = read_layer_artifact(self.artifact_dir, layer_index)  # verified before its checkpoints go
+        self._drop_checkpoints(layer_index)
         log.info("layer %d: block MSE %.4g -> %.4g in %d steps, %.1f s, resident memory %.0f MiB", layer_index,
                  meta["mse_init"], meta["mse_final"], meta["steps"], time.perf_counter() - started,
                  psutil.Process().memory_info().rss / 2**20)
+
+    def _drop_checkpoints(self, layer_index: int) -> None:
+        """Delete a finished layer's checkpoints unless ``pipeline.keep_checkpoints``: its artifact replaces them."""
+        directory = self._checkpoint_dir(layer_index)
+        if not self.pipeline.keep_checkpoints and directory.exists():
+            shutil.rmtree(directory)
 
     def train_layers(self, layer_indices: list[int], worker: WorkerInfo) -> None:
         for layer_index in layer_indices:
@@ -245,6 +261,9 @@ class QuantizationRun:
             source = manifest.boundary_path(layer_index) if input_path is None else input_path
             write_boundary_file(next_path, self._run_block(block, source, worker.device), manifest.shape,
                                 manifest.dtype)
+            if input_path is not None:
+                # Every rerun recomputes these inputs from the artifacts, so only the newest is needed.
+                input_path.unlink(missing_ok=True)
             input_path = next_path
 
     def _run_block(self, block: HHDecoderBlock, source: Path, device: torch.device):
@@ -339,11 +358,13 @@ class QuantizationRun:
         if pipeline.export and not all_layers:
             log.warning("not exporting: pipeline.layers quantizes only %d layers", len(self.layers))
         elif pipeline.export:
+            from .export import export_size, load_quantized
+
             export_dir = Path(pipeline.export_dir) if pipeline.export_dir else self.run_dir / "quantized"
             results["export_dir"] = str(self._export(quantized, export_dir))
-            from .export import quantized_weight_bytes
-
-            results["export_bytes"] = quantized_weight_bytes(export_dir)
+            results["export_size"] = export_size(export_dir)
+            # Score what ships: the export as loaded back (its embeddings are stored in 16 bits).
+            quantized = load_quantized(export_dir, device=next(quantized.parameters()).device)
         results["quantized"] = asdict(perplexity(quantized, tokens, pipeline.eval_seq_len, pipeline.eval_windows))
         results["layers"] = self.layer_metrics()
         write_report(self.run_dir, results)

@@ -23,6 +23,17 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def export_size_table(sizes: dict[str, Any], where: str) -> str:
+    """Markdown: the whole exported file by kind of tensor, and its ratio to the FP16 model."""
+    mib = 2**20
+    rows = [{"kind": kind, "MiB": size / mib, "share of file": f"{100 * sizes['share'][kind]:.1f}%"}
+            for kind, size in sizes["by_kind"].items()]
+    rows.append({"kind": "**whole file**", "MiB": sizes["file_bytes"] / mib, "share of file": "100%"})
+    return (f"## Export size\n\n{where}/model.safetensors: {sizes['file_bytes'] / mib:.1f} MiB, "
+            f"**{sizes['ratio']:.3f}x** the FP16 model ({sizes['fp16_model_bytes'] / mib:.1f} MiB)\n\n"
+            + markdown_table(rows))
+
+
 def plot_layer_mse(series: dict[str, list[tuple[int, float]]], path: Path, title: str) -> None:
     """Per-layer MSE curves (log scale), one line per method, saved as PNG."""
     import matplotlib
@@ -60,10 +71,8 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> str:
             ppl_rows.append({"model": name, "ppl": r["ppl"], "windows": r["n_windows"], "seq_len": r["seq_len"]})
     text = "## Perplexity\n\n" + markdown_table(ppl_rows) + "\n\n## Per-layer MSE\n\n" + markdown_table(layer_rows)
     text += f"\n\nTraining wall time: {results.get('train_seconds', float('nan')):.1f} s\n"
-    if "export_bytes" in results:
-        sizes = results["export_bytes"]
-        text += (f"Exported linear weights: {sizes['quantized_bytes'] / 2**20:.2f} MiB, "
-                 f"{sizes['ratio']:.3f}x their fp16 size ({results['export_dir']})\n")
+    if "export_size" in results:
+        text += "\n" + export_size_table(results["export_size"], results["export_dir"]) + "\n"
     write_json_atomic(run_dir / "summary.json", results)
     write_text_atomic(run_dir / "summary.md", text)
     if layer_rows:

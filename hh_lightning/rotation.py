@@ -22,7 +22,7 @@ Conventions used everywhere in the package:
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -254,9 +254,59 @@ def identity_pairs(num_reflections: int, dim: int, generator: torch.Generator | 
 
 
 # --------------------------------------------------------------------------
-# Module
+# Modules
 # --------------------------------------------------------------------------
-class HouseholderRotation(nn.Module):
+class Rotation(nn.Module):
+    """The interface every rotation structure offers; fold, export and the loader use nothing else.
+
+    ``R`` is a ``dim × dim`` orthogonal matrix acting on row vectors:
+    ``rotate(x) = x R``, ``rotate_transposed(x) = x Rᵀ``, and
+    ``rotate_weight(W) = W R`` for a weight ``(out, dim)`` read by rotated
+    inputs, so ``(x R)(W R)ᵀ = x Wᵀ``. ``matrix()`` builds the dense ``R``
+    (tests and small sizes only). ``spec()`` is the JSON description the
+    loader rebuilds the structure from (``structured.rotation_from_spec``);
+    the learned values themselves travel in ``state_dict()``.
+    """
+
+    structure: str = ""
+    dim: int
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rotate_transposed(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rotate_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W R`` for a weight ``(out, dim)``: its rows are rotated like inputs."""
+        return self.rotate(weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rotate(x)
+
+    def matrix(self) -> torch.Tensor:
+        """The dense ``R`` (``dim × dim``): ``I R``."""
+        eye = torch.eye(self.dim, device=self._device())
+        return self.rotate(eye)
+
+    def spec(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def supports_pca(self) -> bool:
+        return False
+
+    def init_pca_(self, covariance: torch.Tensor, seed: int = 0) -> None:
+        raise NotImplementedError(f"the {self.structure!r} rotation has no PCA init")
+
+    def _device(self) -> torch.device:
+        tensor = next(iter(self.parameters()), None)
+        if tensor is None:
+            tensor = next(iter(self.buffers()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+
+class HouseholderRotation(Rotation):
     """A learnable orthogonal ``R = H(v_k)⋯H(v_1)`` of size ``dim``.
 
     Args:
@@ -266,7 +316,12 @@ class HouseholderRotation(nn.Module):
             ``hadamard`` (a dense randomized Hadamard-like matrix; needs ``k = d``),
             or ``pca`` (identity until ``init_pca_`` is called with a covariance).
         seed: seeds ``random``/``hadamard``/``identity`` vectors.
+
+    With ``k = d`` this is the dense reference: ``d²`` parameters and ``n·d²``
+    work per ``n`` rows. The structures in ``structured.py`` cost ``O(d)``.
     """
+
+    structure = "householder"
 
     def __init__(self, dim: int, num_reflections: int, init: RotationInit = "identity",
                  seed: int = 0) -> None:
@@ -297,6 +352,13 @@ class HouseholderRotation(nn.Module):
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_reflections={self.num_reflections}, init={self.init}"
+
+    def spec(self) -> dict[str, Any]:
+        return {"structure": self.structure, "dim": self.dim, "reflections": self.num_reflections}
+
+    @property
+    def supports_pca(self) -> bool:
+        return True
 
     @torch.no_grad()
     def init_pca_(self, covariance: torch.Tensor, seed: int = 0) -> None:
@@ -343,8 +405,6 @@ class HouseholderRotation(nn.Module):
         if matrix is not None:
             return (x.to(matrix.dtype) @ matrix.T).to(x.dtype)
         return householder_apply(x, self.vectors, transpose=True)
-
-    forward = rotate
 
     def matrix(self) -> torch.Tensor:
         """The dense ``R`` (``d × d``)."""

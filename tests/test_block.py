@@ -23,13 +23,20 @@ def _layer_output(model, index: int, hidden: torch.Tensor) -> torch.Tensor:
                                      position_embeddings=embeddings)
 
 
+STRUCTURES = ["householder", "kronecker", "hadamard_householder"]
+# The untrained start each structure ships with.
+STRUCTURE_INIT = {"householder": "pca", "kronecker": "hadamard", "hadamard_householder": "pca"}
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("o_rotation", ["head", "full"])
-def test_block_equals_transformers_layer_with_random_rotations(model_type, attn, o_rotation) -> None:
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_block_equals_transformers_layer_with_random_rotations(model_type, attn, o_rotation, structure) -> None:
     model = tiny_model(model_type, attn)
     quant = BlockQuantConfig(**OFF, rotation_init="random", o_rotation=o_rotation, kv_reflections=None,
-                             qkv_reflections=16, down_reflections=None, smoothing=True)
+                             qkv_reflections=16, down_reflections=None, smoothing=True,
+                             rotation_structure=structure)
     block = HHDecoderBlock(model.model.layers[1], model.config, model.model.rotary_emb, quant, 1)
     with torch.no_grad():
         for parameter in block.parameters():
@@ -62,8 +69,10 @@ def _quantized_block(model_type="qwen2", **overrides):
 
 
 @pytest.mark.parametrize("o_rotation", ["head", "full"])
-def test_fold_equals_fake_quant_block(o_rotation) -> None:
-    block, hidden = _quantized_block(o_rotation=o_rotation, w_group_size=16, w_symmetric=False)
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_fold_equals_fake_quant_block(o_rotation, structure) -> None:
+    block, hidden = _quantized_block(o_rotation=o_rotation, w_group_size=16, w_symmetric=False,
+                                     rotation_structure=structure, rotation_init=STRUCTURE_INIT[structure])
     with torch.no_grad():
         expected = block(hidden)
         folded = copy.deepcopy(block).fold_()

@@ -16,7 +16,7 @@ from hh_lightning.export import (
     load_quantized,
     pack_codes,
     packed_numel,
-    quantized_weight_bytes,
+    export_size,
     save_quantized,
     unpack_codes,
 )
@@ -60,16 +60,20 @@ def test_pack_rejects_bad_input() -> None:
 
 
 # ---------------------------------------------------------- W4A4KV4 model
-def _w4a4_model(model_type: str) -> nn.Module:
-    """A PCA-initialized, folded W4A4KV4 model (Qwen2: head R_o, tied; Llama: full R_o, untied lm_head)."""
+STRUCTURE_INIT = {"householder": "pca", "kronecker": "hadamard", "hadamard_householder": "pca"}
+
+
+def _w4a4_model(model_type: str, structure: str = "householder") -> nn.Module:
+    """An initialized, folded W4A4KV4 model (Qwen2: head R_o, tied; Llama: full R_o, untied lm_head)."""
     model = tiny_model(model_type, **SIZES)
     if model_type == "llama":
         model.config.tie_word_embeddings = False
-        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone() + 0.01)
+        model.lm_head.weight = nn.Parameter((model.lm_head.weight.detach().clone() + 0.01).bfloat16().float())
     quant = BlockQuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_init="minmax", qkv_reflections=16,
                              upgate_reflections=16, down_reflections=16, kv_reflections=None,
                              o_rotation="head" if model_type == "qwen2" else "full", o_reflections=8,
-                             smoothing=model_type == "llama")
+                             smoothing=model_type == "llama", rotation_structure=structure,
+                             rotation_init=STRUCTURE_INIT[structure])
     wrap_model(model, quant)
     tokens = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -82,10 +86,14 @@ def _w4a4_model(model_type: str) -> nn.Module:
     return model.eval()
 
 
-@pytest.fixture(scope="module", params=["qwen2", "llama"])
+@pytest.fixture(scope="module", params=[("qwen2", "householder"), ("llama", "householder"),
+                                        ("qwen2", "kronecker"), ("llama", "kronecker"),
+                                        ("qwen2", "hadamard_householder"), ("llama", "hadamard_householder")],
+                ids=lambda param: "-".join(param))
 def saved(request, tmp_path_factory):
-    model = _w4a4_model(request.param)
-    directory = save_quantized(model, tmp_path_factory.mktemp(request.param) / "quantized",
+    model_type, structure = request.param
+    model = _w4a4_model(model_type, structure)
+    directory = save_quantized(model, tmp_path_factory.mktemp(model_type) / "quantized",
                                extra_metadata={"note": "test"})
     return model, directory
 
@@ -113,18 +121,43 @@ def test_generate_runs_on_loaded_model(saved) -> None:
     settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     generated = loaded.generate(prompt, **settings)
     assert generated.shape == (1, 11)
-    # KV-cache decoding must agree with the saved model's and with recomputing without a cache.
+    # KV-cache decoding must agree with the saved model's and with recomputing without a cache,
+    # in every step's logits, not only in the argmax (a dropped cache once agreed on the argmax).
     assert torch.equal(generated, model.generate(prompt, **settings))
-    assert torch.equal(generated, loaded.generate(prompt, use_cache=False, **settings))
+    scores = dict(output_scores=True, return_dict_in_generate=True)
+    cached = loaded.generate(prompt, **settings, **scores)
+    uncached = loaded.generate(prompt, use_cache=False, **settings, **scores)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for step_cached, step_uncached in zip(cached.scores, uncached.scores, strict=True):
+        assert torch.allclose(step_cached, step_uncached, atol=1e-5, rtol=0)
 
 
 def test_w4_weights_take_under_0p3_of_fp16(saved) -> None:
     _, directory = saved
-    sizes = quantized_weight_bytes(directory)
+    sizes = export_size(directory)["linears"]
     assert set(sizes["by_bits"]) == {4}
     assert sizes["ratio"] <= 0.3, sizes
     # Packed codes alone are a quarter of fp16; per-channel scales + uint8 zeros add ~2% at in=128.
     assert sizes["ratio"] >= 0.25
+
+
+def test_export_size_counts_the_whole_file_by_kind(saved) -> None:
+    model, directory = saved
+    sizes = export_size(directory)
+    assert sum(sizes["by_kind"].values()) == sizes["file_bytes"] == (directory / WEIGHTS_NAME).stat().st_size
+    original = tiny_model(model.config.model_type, **SIZES, tie_word_embeddings=model.config.tie_word_embeddings)
+    assert sizes["fp16_model_bytes"] == 2 * sum(p.numel() for p in original.parameters())
+    # Embeddings are stored in 16 bits: 2 bytes per entry, once when tied.
+    embedding = model.model.embed_tokens.weight.numel()
+    assert sizes["by_kind"]["embeddings"] == 2 * embedding * (1 if model.config.tie_word_embeddings else 2)
+    rotations = {key: value for key, value in _stored_tensors(directory).items() if "rotation." in key}
+    assert sizes["by_kind"]["rotations"] == sum(t.numel() * t.element_size() for t in rotations.values())
+
+
+def _stored_tensors(directory):
+    from safetensors.torch import load_file
+
+    return load_file(directory / WEIGHTS_NAME)
 
 
 def test_quantization_config_records_format(saved) -> None:
@@ -138,8 +171,15 @@ def test_quantization_config_records_format(saved) -> None:
     assert layer["linears"]["down_proj"] == {"shape": [128, 256], "bits": 4, "quantized": True,
                                              "group_size": None, "scale_dtype": "float32",
                                              "zero_dtype": "float32"}
-    assert layer["rotations"]["qkv"] == {"dim": 128, "reflections": 16}
-    assert layer["rotations"]["kv"] == {"dim": 32, "reflections": 32}
+    structure = model.model.layers[0].quant.rotation_structure
+    expected = {  # R_qkv is rotation 0 of layer 0 (seed 0), the head-dim K/V rotation is rotation 3
+        "householder": ({"dim": 128, "reflections": 16}, {"dim": 32, "reflections": 32}),
+        "kronecker": ({"dim": 128, "factors": [8, 16]}, {"dim": 32, "factors": [4, 8]}),
+        "hadamard_householder": ({"dim": 128, "reflections": 16, "seed": 0},
+                                 {"dim": 32, "reflections": 32, "seed": 3}),
+    }[structure]
+    assert layer["rotations"]["qkv"] == {"structure": structure, **expected[0]}
+    assert layer["rotations"]["kv"] == {"structure": structure, **expected[1]}
     assert (directory / "config.json").is_file()
 
 

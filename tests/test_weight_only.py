@@ -5,7 +5,7 @@ import torch
 from tiny_models import tiny_model
 
 from hh_lightning.block import LINEAR_NAMES, BlockQuantConfig, wrap_model
-from hh_lightning.export import load_quantized, quantized_weight_bytes, save_quantized
+from hh_lightning.export import load_quantized, export_size, save_quantized
 from hh_lightning.hqq import hqq_quantize, rtn_quantize
 from hh_lightning.linear import FoldedLinear
 from hh_lightning.weight_only import quantize_weights_hqq, weight_only_config
@@ -96,7 +96,7 @@ def test_w3_g16_export_round_trip(tmp_path) -> None:
             assert torch.equal(reloaded.codes, original.codes)
             assert torch.equal(reloaded.zero, original.zero)  # real-valued HQQ zeros survive exactly
     # 3-bit codes are 3/16 of fp16; an fp16 scale + zero per 16 weights add 1/8.
-    assert quantized_weight_bytes(directory)["by_bits"][3]["ratio"] == pytest.approx(3 / 16 + 1 / 8)
+    assert export_size(directory)["linears"]["by_bits"][3]["ratio"] == pytest.approx(3 / 16 + 1 / 8)
     prompt = _tokens(2, (1, 5))
     assert loaded.generate(prompt, max_new_tokens=5, do_sample=False, pad_token_id=0).shape == (1, 10)
 
@@ -142,6 +142,6 @@ def test_refusals() -> None:
 
 def test_default_w4_g64_weights_take_under_0p3_of_fp16(tmp_path) -> None:
     model = quantize_weights_hqq(tiny_model("llama", hidden_size=128, intermediate_size=256))
-    sizes = quantized_weight_bytes(save_quantized(model, tmp_path / "w4"))
+    sizes = export_size(save_quantized(model, tmp_path / "w4"))["linears"]
     # Packed codes are 1/4 of fp16; an fp16 scale + zero per 64 weights add 1/32.
     assert sizes["by_bits"][4]["ratio"] == pytest.approx(1 / 4 + 1 / 32)

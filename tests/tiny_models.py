@@ -24,7 +24,11 @@ def tiny_config(model_type: str, attn_implementation: str = "sdpa", **overrides)
 
 
 def tiny_model(model_type: str, attn_implementation: str = "sdpa", seed: int = 0, **overrides):
-    """A random fp32 model whose norms and biases are not trivial (so folding is exercised)."""
+    """A random fp32 model whose norms and biases are not trivial (so folding is exercised).
+
+    Its embeddings, lm_head and final norm hold bf16 values, as a bf16 checkpoint
+    loaded in fp32 does, so the export stores them in 16 bits without loss.
+    """
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(tiny_config(model_type, attn_implementation, **overrides))
     with torch.no_grad():
@@ -33,6 +37,8 @@ def tiny_model(model_type: str, attn_implementation: str = "sdpa", seed: int = 0
                 parameter.copy_(1.0 + 0.3 * torch.randn_like(parameter))
             elif name.endswith(".bias"):
                 parameter.normal_(0.0, 0.1)
+            if not name.startswith("model.layers."):
+                parameter.copy_(parameter.bfloat16().float())
     return model.eval()
 
 
