@@ -90,3 +90,19 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
     }
+
+
+# The rotation structures the benchmarks compare (DESIGN.md 2.8), as BlockQuantConfig fields.
+STRUCTURE_RECIPES: dict[str, dict[str, Any]] = {
+    "dense": dict(rotation_structure="householder", rotation_init="hadamard"),
+    "kronecker": dict(rotation_structure="kronecker", rotation_init="hadamard"),
+    "hadamard+householder k=64": dict(rotation_structure="hadamard_householder", rotation_init="pca",
+                                      qkv_reflections=64, upgate_reflections=64, down_reflections=64),
+    "hadamard+householder k=128": dict(rotation_structure="hadamard_householder", rotation_init="pca",
+                                       qkv_reflections=128, upgate_reflections=128, down_reflections=128),
+}
+
+
+def structure_overrides(name: str) -> list[str]:
+    """``STRUCTURE_RECIPES[name]`` as train.py command-line overrides."""
+    return [f"--model.quant.{key}={value}" for key, value in STRUCTURE_RECIPES[name].items()]

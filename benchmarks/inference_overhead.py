@@ -38,7 +38,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import machine_info, median_time, print_markdown_table, synchronized, write_json_atomic  # noqa: E402
+from _common import (  # noqa: E402
+    STRUCTURE_RECIPES,
+    machine_info,
+    median_time,
+    print_markdown_table,
+    synchronized,
+    write_json_atomic,
+)
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from hh_lightning.block import BlockQuantConfig, wrap_model  # noqa: E402
@@ -56,6 +63,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=49152, help="SmolLM2's vocabulary")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens of the one timed sequence")
     parser.add_argument("--calib-len", type=int, default=512, help="random hidden states per block init")
+    parser.add_argument("--structure", default=None, choices=list(STRUCTURE_RECIPES),
+                        help="rotation structure of the folded model (default: BlockQuantConfig's, "
+                             "64 PCA-initialized Householder reflections)")
     parser.add_argument("--w-init", default=None, choices=[None, "minmax", "search", "hqq"],
                         help="weight-quantizer init (default: BlockQuantConfig's, i.e. search)")
     parser.add_argument("--model-repeats", type=int, default=5, help="timed forwards per model variant")
@@ -86,13 +96,14 @@ def build_models(args: argparse.Namespace):
             if name.endswith("norm.weight"):
                 parameter.copy_(1.0 + 0.3 * torch.randn_like(parameter))
     fp.to(args.device)
-    quant = BlockQuantConfig()
+    quant = BlockQuantConfig(**STRUCTURE_RECIPES.get(args.structure, {}))
     folded = wrap_model(copy.deepcopy(fp), quant).eval()
     generator = torch.Generator().manual_seed(args.seed + 1)
     start = time.perf_counter()
     for block in folded.model.layers:
         x = torch.randn(1, args.calib_len, config.hidden_size, generator=generator).to(args.device)
-        block.init_rotations_pca_(block.collect_statistics(x))
+        if quant.rotation_init == "pca":
+            block.init_rotations_pca_(block.collect_statistics(x))
         block.initialize_weight_quantizers(args.w_init)
         block.fold_()
     return fp, folded, quant, time.perf_counter() - start
@@ -149,7 +160,7 @@ def model_rows(args: argparse.Namespace) -> tuple[list[dict], list[dict], dict]:
             t = median_time(synchronized(fn, args.device), repeats=args.model_repeats, warmup=args.warmup)
             parts.append({"part of a folded forward": label, "ms (all layers)": 1e3 * t,
                           "share of FP stack time": 1e3 * t / fp_stack})
-    info = {"init_s": init_s, "quant": quant.to_dict(),
+    info = {"init_s": init_s, "quant": quant.to_dict(), "structure": args.structure or "householder k=64 (pca)",
             "params_fp": sum(p.numel() for p in fp.parameters())}
     return rows, parts, info
 

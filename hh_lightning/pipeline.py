@@ -254,8 +254,10 @@ class QuantizationRun:
         """``quantized`` input mode: layer ``i`` reads the outputs of folded layers ``< i``."""
         manifest = self.datamodule.manifest
         input_path: Path | None = None
-        for layer_index in self.layers:
+        for position, layer_index in enumerate(self.layers):
             self.train_layer(layer_index, worker, input_path)
+            if position == len(self.layers) - 1:
+                break  # the last layer's quantized output feeds no layer
             block = self._folded_block(layer_index).to(worker.device)
             next_path = self.run_dir / "quantized_inputs" / f"boundary_{layer_index + 1:03d}.bin"
             source = manifest.boundary_path(layer_index) if input_path is None else input_path

@@ -96,6 +96,12 @@ def test_fit_writes_layers_summary_export_and_rerun_skips(workspace, baseline) -
     for name in ("summary.json", "summary.md", "layer_mse.png", "config.yaml", "run.json"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "logs" / "layer_000" / "metrics.csv").is_file()
+    # Verified artifacts replace the checkpoints; the export is reported whole, by kind of tensor.
+    assert not list((run_dir / "checkpoints").glob("layer_*"))
+    sizes = summary["export_size"]
+    assert sizes["file_bytes"] == (run_dir / "quantized" / "model.safetensors").stat().st_size
+    assert sum(sizes["by_kind"].values()) == sizes["file_bytes"]
+    assert "Export size" in (run_dir / "summary.md").read_text()
     stamps = {p: p.stat().st_mtime_ns for p in (run_dir / "layers").iterdir()}
     again = main(["fit", "--config", str(tmp / "baseline.yaml")]).summary
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "layers").iterdir()} == stamps
@@ -157,8 +163,16 @@ def test_quantized_input_mode_runs_sequentially(workspace) -> None:
     config["trainer"]["max_epochs"] = 1
     summary = main(["fit", "--config", str(write_config(tmp, config, "sequential"))]).summary
     run_dir = Path(config["pipeline"]["run_dir"])
-    assert (run_dir / "quantized_inputs" / "boundary_001.bin").is_file()
+    # Layer 1 read the quantized output of layer 0; the last layer's output feeds nothing.
+    assert sorted(p.name for p in (run_dir / "quantized_inputs").iterdir()) == ["boundary_001.bin"]
     assert len(summary["layers"]) == 2
+
+
+def test_keep_checkpoints_keeps_them(workspace, baseline) -> None:
+    tmp, model_dir = workspace
+    config = make_config(tmp, model_dir, "kept", keep_checkpoints=True, layers=[0])
+    main(["fit", "--config", str(write_config(tmp, config, "kept"))])
+    assert (Path(config["pipeline"]["run_dir"]) / "checkpoints" / "layer_000" / "last.ckpt").is_file()
 
 
 @pytest.mark.parametrize("section,key,value,message", [

@@ -236,9 +236,9 @@ def test_sigkill_during_export_then_rerun_equals_uninterrupted(workspace, baseli
 def test_corrupted_layer_artifacts_are_detected_named_and_redone(workspace, baseline, caplog) -> None:
     """Layer 0 truncated (re-exported from its last.ckpt), layer 1 flipped with no checkpoint (retrained)."""
     tmp, model_dir = workspace
-    config = config_for(tmp, model_dir, "corrupted")
+    config = config_for(tmp, model_dir, "corrupted", keep_checkpoints=True)
     run_dir = Path(config["pipeline"]["run_dir"])
-    shutil.copytree(baseline, run_dir)
+    fit(write_config(tmp, config, "corrupted"))  # the baseline's run, with its checkpoints kept
     layers = run_dir / "layers"
     with open(layers / "layer_000.safetensors", "r+b") as handle:
         handle.truncate(handle.seek(0, os.SEEK_END) - 1)
