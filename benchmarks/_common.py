@@ -96,6 +96,10 @@ def machine_info() -> dict[str, Any]:
 STRUCTURE_RECIPES: dict[str, dict[str, Any]] = {
     "dense": dict(rotation_structure="householder", rotation_init="hadamard"),
     "kronecker": dict(rotation_structure="kronecker", rotation_init="hadamard"),
+    "hadamard+householder k=16": dict(rotation_structure="hadamard_householder", rotation_init="pca",
+                                      qkv_reflections=16, upgate_reflections=16, down_reflections=16),
+    "hadamard+householder k=32": dict(rotation_structure="hadamard_householder", rotation_init="pca",
+                                      qkv_reflections=32, upgate_reflections=32, down_reflections=32),
     "hadamard+householder k=64": dict(rotation_structure="hadamard_householder", rotation_init="pca",
                                       qkv_reflections=64, upgate_reflections=64, down_reflections=64),
     "hadamard+householder k=128": dict(rotation_structure="hadamard_householder", rotation_init="pca",

@@ -2,9 +2,10 @@
 
 (a) Whole model: a SmolLM2-135M-shaped Llama (hidden 576, intermediate 1536, 9 heads, 3 KV
 heads, head_dim 64, vocab 49152; ``--layers`` decoder layers, random weights built from a
-config in code, no downloads). The quantized copy is ``wrap_model(copy, BlockQuantConfig())``
-(the defaults: W4 per-channel, A4 per-token, 64 reflections for R_qkv / R_upgate / R_down,
-head-dim R_o folded); each block is initialized on random hidden states as calibration does
+config in code, no downloads). The quantized copy is ``wrap_model(copy, quant)``: W4
+per-channel, A4 per-token, head-dim R_o folded, and the rotations of ``--structure`` (one of
+``_common.STRUCTURE_RECIPES``; by default 64 PCA-initialized plain Householder reflections for
+R_qkv / R_upgate / R_down); each block is initialized on random hidden states as calibration does
 (``block.init_rotations_pca_(block.collect_statistics(x))``,
 ``block.initialize_weight_quantizers()``) and then ``fold_()``-ed. Timed: forward latency
 (``torch.no_grad``, eval, ``use_cache=False``) of one ``--seq-len`` sequence, folded vs FP,
@@ -53,6 +54,8 @@ from hh_lightning.linear import FoldedLinear  # noqa: E402
 from hh_lightning.rotation import _apply_costs, householder_apply, householder_matrix, normalize_vectors  # noqa: E402
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "inference_overhead.json"
+DEFAULT_ROTATIONS = dict(rotation_structure="householder", rotation_init="pca", qkv_reflections=64,
+                         upgate_reflections=64, down_reflections=64)
 SMOLLM2_SIZES = dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
                      head_dim=64, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
 
@@ -64,8 +67,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=512, help="tokens of the one timed sequence")
     parser.add_argument("--calib-len", type=int, default=512, help="random hidden states per block init")
     parser.add_argument("--structure", default=None, choices=list(STRUCTURE_RECIPES),
-                        help="rotation structure of the folded model (default: BlockQuantConfig's, "
-                             "64 PCA-initialized Householder reflections)")
+                        help="rotation structure of the folded model (default: 64 PCA-initialized "
+                             "plain Householder reflections)")
     parser.add_argument("--w-init", default=None, choices=[None, "minmax", "search", "hqq"],
                         help="weight-quantizer init (default: BlockQuantConfig's, i.e. search)")
     parser.add_argument("--model-repeats", type=int, default=5, help="timed forwards per model variant")
@@ -96,7 +99,7 @@ def build_models(args: argparse.Namespace):
             if name.endswith("norm.weight"):
                 parameter.copy_(1.0 + 0.3 * torch.randn_like(parameter))
     fp.to(args.device)
-    quant = BlockQuantConfig(**STRUCTURE_RECIPES.get(args.structure, {}))
+    quant = BlockQuantConfig(**STRUCTURE_RECIPES.get(args.structure, DEFAULT_ROTATIONS))
     folded = wrap_model(copy.deepcopy(fp), quant).eval()
     generator = torch.Generator().manual_seed(args.seed + 1)
     start = time.perf_counter()

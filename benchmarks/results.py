@@ -65,7 +65,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The recipe is parsed by LightningCLI from a list, while this script has its own argv.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
 NO_ROTATION = dict(qkv_reflections=0, upgate_reflections=0, down_reflections=0, kv_reflections=0, o_rotation="none")
-FULL_ROTATIONS = dict(qkv_reflections=None, upgate_reflections=None, down_reflections=None)
+# The untrained rotated baselines are plain Householder products whatever the recipe's structure:
+# k = d from a dense randomized Hadamard (QuaRot-like), or 64 PCA-initialized reflections.
+FULL_ROTATIONS = dict(rotation_structure="householder", qkv_reflections=None, upgate_reflections=None,
+                      down_reflections=None)
+PCA_ROTATIONS = dict(rotation_structure="householder", qkv_reflections=64, upgate_reflections=64,
+                     down_reflections=64)
 KV4_OVERRIDES = ["--model.quant.kv_bits=4", "--model.quant.kv_reflections=null"]
 GROUP_SIZE = 64
 # The goals for the trained rows, in log-perplexity: the share of the RTN→FP gap
@@ -102,7 +107,8 @@ ROWS: dict[str, Row] = {
                          lambda q: dict(rotation_init="hadamard", kv_bits=16, kv_reflections=0, **FULL_ROTATIONS),
                          plot=True),
     "w4a4_householder_pca": Row("W4A4 Householder PCA init, untrained", "untrained",
-                                lambda q: dict(rotation_init="pca", kv_bits=16, kv_reflections=0), plot=True),
+                                lambda q: dict(rotation_init="pca", kv_bits=16, kv_reflections=0, **PCA_ROTATIONS),
+                                plot=True),
     "w4a4_trained_fp": Row("W4A4 Householder trained, fp inputs", "trained",
                            overrides=["--data.input_mode=fp"], plot=True),
     "w4a4_trained_quantized": Row("W4A4 Householder trained, quantized inputs", "trained",

@@ -36,7 +36,6 @@ import argparse
 import copy
 import dataclasses
 import gc
-import hashlib
 import json
 import sys
 import time
@@ -142,6 +141,17 @@ def tables(results: dict[str, Any]) -> str:
     return text + "\n"
 
 
+def recipe_settings(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe, less the rotation fields every row sets itself: stored rows stay comparable
+    while these match (a comment or the recipe's own structure may change)."""
+    structure_fields = {key for fields in STRUCTURE_RECIPES.values() for key in fields}
+    run = recipe.run
+    quant = {k: v for k, v in run.recipe.quant.to_dict().items() if k not in structure_fields}
+    data = {k: v for k, v in recipe.datamodule.hparams.items() if k not in ("_class_path", "_instantiator")}
+    return json.loads(json.dumps({"quant": quant, "optim": dataclasses.asdict(run.recipe.optim), "data": data,
+                                  "trainer": run.trainer_kwargs}, default=str))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default=str(REPO_ROOT / "configs" / "demo.yaml"))
@@ -159,6 +169,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))
     parser.add_argument("--name", default="structures")
     parser.add_argument("--fresh", action="store_true", help="ignore rows stored by an earlier run")
+    parser.add_argument("--skip-fp", action="store_true", help="do not score the FP model")
     args = parser.parse_args()
     if args.windows < 1:
         parser.error(f"--windows={args.windows} must be >= 1")
@@ -168,9 +179,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     recipe = Recipe(args.recipe, args.override)
-    settings = {"recipe": args.recipe, "recipe_sha256": hashlib.sha256(Path(args.recipe).read_bytes()).hexdigest(),
-                "override": args.override, "windows": args.windows, "seq_len": args.seq_len,
-                "overhead_tokens": args.overhead_tokens}
+    settings = {"recipe": args.recipe, "recipe_settings": recipe_settings(recipe), "override": args.override,
+                "windows": args.windows, "seq_len": args.seq_len, "overhead_tokens": args.overhead_tokens}
     out = Path(args.out)
     stored_path = out / f"{args.name}.json"
     results: dict[str, Any] = {"settings": settings, "machine": machine_info(), "rows": {}}
@@ -181,7 +191,8 @@ def main() -> None:
             print(f"resuming: {', '.join(results['rows'])} already in {stored_path}", flush=True)
 
     tokens = tokenize_text(recipe.datamodule.tokenizer, recipe.test_text)
-    plan = [("fp", None)] + [(f"{part}/{name}", (part, name)) for part in args.parts for name in args.structures]
+    plan = [] if args.skip_fp else [("fp", None)]
+    plan += [(f"{part}/{name}", (part, name)) for part in args.parts for name in args.structures]
     for key, what in plan:
         if key in results["rows"]:
             continue

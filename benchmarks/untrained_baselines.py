@@ -24,17 +24,20 @@ from hh_lightning.evaluation import perplexity
 from hh_lightning.models import embedded_model_dir, load_model
 
 NO_ROTATION = dict(qkv_reflections=0, upgate_reflections=0, down_reflections=0, o_rotation="none")
+# Plain Householder products: 64 PCA reflections, or k = d from a dense randomized Hadamard.
+HOUSEHOLDER = dict(rotation_structure="householder", qkv_reflections=64, upgate_reflections=64,
+                   down_reflections=64)
 ROWS: dict[str, BlockQuantConfig | None] = {
     "fp": None,
-    "w16a16_pca_rotations": BlockQuantConfig(w_bits=16, a_bits=16),
+    "w16a16_pca_rotations": BlockQuantConfig(w_bits=16, a_bits=16, **HOUSEHOLDER),
     "w4a16_rtn": BlockQuantConfig(a_bits=16, w_init="minmax", **NO_ROTATION),
-    "w4a16_pca": BlockQuantConfig(a_bits=16),
+    "w4a16_pca": BlockQuantConfig(a_bits=16, **HOUSEHOLDER),
     "w16a4_rtn": BlockQuantConfig(w_bits=16, **NO_ROTATION),
-    "w16a4_pca": BlockQuantConfig(w_bits=16),
-    "w16a4_hadamard": BlockQuantConfig(w_bits=16, rotation_init="hadamard"),
+    "w16a4_pca": BlockQuantConfig(w_bits=16, **HOUSEHOLDER),
+    "w16a4_hadamard": BlockQuantConfig(w_bits=16, rotation_init="hadamard", **HOUSEHOLDER),
     "w4a4_rtn": BlockQuantConfig(**NO_ROTATION),
-    "w4a4_pca": BlockQuantConfig(),
-    "w4a4_hadamard": BlockQuantConfig(rotation_init="hadamard"),
+    "w4a4_pca": BlockQuantConfig(**HOUSEHOLDER),
+    "w4a4_hadamard": BlockQuantConfig(rotation_init="hadamard", **HOUSEHOLDER),
 }
 
 

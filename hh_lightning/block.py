@@ -92,6 +92,10 @@ class BlockQuantConfig:
     Reflection counts matter for ``householder`` and ``hadamard_householder``;
     for ``kronecker`` only 0 (off) is read. ``householder`` with
     ``rotation_init='hadamard'`` always uses the full dimension.
+
+    The defaults are the structure that measured best on SmolLM2 (README,
+    *Rotation structures*): a fixed randomized Hadamard, then 16
+    PCA-initialized reflections per online rotation.
     """
 
     w_bits: int = 4
@@ -105,12 +109,12 @@ class BlockQuantConfig:
     a_clip_ratio_init: float = 0.98
     kv_bits: int = 16
     kv_symmetric: bool = False
-    rotation_structure: RotationStructure = "householder"
-    qkv_reflections: int | None = 64
+    rotation_structure: RotationStructure = "hadamard_householder"
+    qkv_reflections: int | None = 16
     o_rotation: ORotationMode = "head"
     o_reflections: int | None = None
-    upgate_reflections: int | None = 64
-    down_reflections: int | None = 64
+    upgate_reflections: int | None = 16
+    down_reflections: int | None = 16
     kv_reflections: int | None = 0
     rotation_init: RotationInit = "pca"
     smoothing: bool = False

@@ -374,37 +374,54 @@ class HouseholderRotation(Rotation):
                               torch.Generator().manual_seed(seed))
         self.vectors.copy_(normalize_vectors(torch.cat([pca.to(self.vectors), rest.to(self.vectors)])))
 
-    def _frozen_matrix(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Dense ``R`` cached across calls, when no gradient is needed and it is cheaper.
+    def _frozen(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """What inference reuses across calls while no gradient is needed: ``(R,)`` or ``(Vᵀ, U⁻ᵀV, U⁻¹V)``.
 
-        At inference the vectors do not change, so building ``R`` once turns each
-        call into one GEMM (``n·d²``), against about ``2ndk + nk²`` for the WY
-        form. The cache is keyed on the parameter's version counter, which every
+        The vectors do not change at inference, so the Gram matrix and the
+        triangular solve need not be redone per call. With ``2k ≥ d`` the dense
+        ``R`` is cheaper (one GEMM, ``n·d²``); otherwise the solved WY factors
+        turn a call into two thin GEMMs (``2ndk``): ``x R = x - (x Vᵀ)(U⁻ᵀ V)``.
+        The cache is keyed on the parameter's version counter, which every
         in-place update (an optimizer step, ``load_state_dict``, an init) bumps.
         """
-        if torch.is_grad_enabled() or 2 * self.num_reflections < self.dim:
+        if torch.is_grad_enabled():
             return None
         key = (self.vectors._version, self.vectors.data_ptr(), x.device, x.dtype)
-        cached = getattr(self, "_matrix_cache", None)
+        cached = getattr(self, "_frozen_cache", None)
         if cached is None or cached[0] != key:
-            matrix = householder_matrix(self.vectors.detach().float())
-            cached = (key, matrix.to(device=x.device, dtype=torch.promote_types(x.dtype, torch.float32)))
-            self._matrix_cache = cached
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            vectors = self.vectors.detach().float()
+            if 2 * self.num_reflections >= self.dim:
+                value: tuple[torch.Tensor, ...] = (householder_matrix(vectors),)
+            else:
+                factor = _triangular_factor(vectors)
+                value = (vectors.T.contiguous(), torch.linalg.solve_triangular(factor.T, vectors, upper=False),
+                         torch.linalg.solve_triangular(factor, vectors, upper=True))
+            cached = (key, tuple(t.to(device=x.device, dtype=dtype) for t in value))
+            self._frozen_cache = cached
         return cached[1]
+
+    def _apply_frozen(self, x: torch.Tensor, transpose: bool) -> torch.Tensor | None:
+        frozen = self._frozen(x)
+        if frozen is None:
+            return None
+        rows = x.to(frozen[0].dtype)
+        if len(frozen) == 1:
+            out = rows @ (frozen[0].T if transpose else frozen[0])
+        else:
+            vectors_t, solved, solved_t = frozen
+            out = rows - (rows @ vectors_t) @ (solved_t if transpose else solved)
+        return out.to(x.dtype)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x R`` for ``x`` of shape ``(..., d)``; also ``W ↦ W R`` for a weight."""
-        matrix = self._frozen_matrix(x)
-        if matrix is not None:
-            return (x.to(matrix.dtype) @ matrix).to(x.dtype)
-        return householder_apply(x, self.vectors)
+        out = self._apply_frozen(x, transpose=False)
+        return householder_apply(x, self.vectors) if out is None else out
 
     def rotate_transposed(self, x: torch.Tensor) -> torch.Tensor:
         """``x Rᵀ`` (the inverse rotation) for ``x`` of shape ``(..., d)``."""
-        matrix = self._frozen_matrix(x)
-        if matrix is not None:
-            return (x.to(matrix.dtype) @ matrix.T).to(x.dtype)
-        return householder_apply(x, self.vectors, transpose=True)
+        out = self._apply_frozen(x, transpose=True)
+        return householder_apply(x, self.vectors, transpose=True) if out is None else out
 
     def matrix(self) -> torch.Tensor:
         """The dense ``R`` (``d × d``)."""

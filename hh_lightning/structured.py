@@ -69,6 +69,12 @@ def kronecker_apply(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tenso
     """
     sizes = [factor.shape[0] for factor in factors]
     lead = x.shape[:-1]
+    if len(factors) == 2:
+        # vec_row(Aᵀ X B): both products as (broadcast) batched matmuls on the contiguous (n, a, b)
+        # view, which avoids the permuted copies of the general path below.
+        first, second = factors
+        out = torch.matmul(first.T, x.reshape(-1, *sizes) @ second)
+        return out.reshape(*lead, x.shape[-1])
     out = x.reshape(-1, *sizes)
     for factor in factors:
         # Contract axis 1 and append the result axis last: after r steps the order is f_1..f_r again.
@@ -148,10 +154,12 @@ class KroneckerRotation(Rotation):
 class HadamardHouseholderRotation(Rotation):
     """``R = F · H(v_k)⋯H(v_1)``: a fixed randomized Hadamard ``F``, then ``k`` learned reflections.
 
-    ``F = diag(s) · (Hadamard(2^m)/√2^m ⊗ DCT(b))`` with ``d = 2^m·b``
-    (``Hadamard(2^m)`` split further as ``Hadamard(p) ⊗ Hadamard(q)``, so every
-    factor is small): ``O(d·(p + q + b))`` per row, no parameters. Only the
-    signs ``s`` (int8) are stored; the factors are rebuilt from ``d``.
+    ``F = diag(s) · (Hadamard(2^m)/√2^m ⊗ DCT(b))`` with ``d = 2^m·b``,
+    regrouped as ``diag(s) · (F_a ⊗ F_b)`` with ``F_a = Hadamard(p)/√p`` and
+    ``F_b = Hadamard(2^m/p)/√(2^m/p) ⊗ DCT(b)`` (Sylvester Hadamards factor
+    exactly), ``p`` chosen so ``p + d/p`` is smallest: ``O(d·(p + d/p))`` per
+    row, as cheap as a Kronecker rotation, no parameters. Only the signs ``s``
+    (int8) are stored; the factors are rebuilt from ``d``.
 
     Args:
         dim: ``d``.
@@ -172,14 +180,15 @@ class HadamardHouseholderRotation(Rotation):
             raise ValueError(f"num_reflections={num_reflections} must be in [0, dim={dim}]")
         self.dim, self.num_reflections, self.init, self.seed = dim, num_reflections, init, seed
         order = power_of_two_factor(dim)
-        half = 2 ** (order.bit_length() // 2)  # p·q = 2^m with p ≈ q
+        p = min((2**i for i in range(order.bit_length())), key=lambda size: size + dim // size)
+        factor_a = sylvester_hadamard(p, torch.float64) / math.sqrt(p)
+        factor_b = torch.kron(sylvester_hadamard(order // p, torch.float64) / math.sqrt(order // p),
+                              dct_matrix(dim // order, torch.float64))
         self._fixed_names: list[str] = []
-        for name, matrix in (("hadamard_p", sylvester_hadamard(half) / math.sqrt(half)),
-                             ("hadamard_q", sylvester_hadamard(order // half) / math.sqrt(order // half)),
-                             ("dct", dct_matrix(dim // order))):
+        for name, matrix in (("fixed_a", factor_a), ("fixed_b", factor_b)):
             if matrix.shape[0] > 1:
                 # Rebuilt from dim on load, never saved.
-                self.register_buffer(name, matrix, persistent=False)
+                self.register_buffer(name, matrix.float(), persistent=False)
                 self._fixed_names.append(name)
         self.register_buffer("signs", _random_signs(dim, seed))
         self.reflections = (HouseholderRotation(dim, num_reflections, init=init, seed=seed + 1)
@@ -198,8 +207,7 @@ class HadamardHouseholderRotation(Rotation):
 
     def _fixed_factors(self, dtype: torch.dtype, transpose: bool) -> list[torch.Tensor]:
         factors = [getattr(self, name).to(dtype) for name in self._fixed_names]
-        # The Hadamard factors are symmetric; only the DCT changes under transposition.
-        return [f.T if transpose and name == "dct" else f for name, f in zip(self._fixed_names, factors)]
+        return [factor.T for factor in factors] if transpose else factors
 
     def fixed_rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x F`` (the fixed part alone), ``x``: ``(..., d)``."""

@@ -85,7 +85,8 @@ def test_statistics_do_not_depend_on_rotations() -> None:
     before = copy.deepcopy(block).collect_statistics(hidden)
     with torch.no_grad():
         for rotation in block.rotations().values():
-            rotation.vectors.normal_()
+            for parameter in rotation.parameters():
+                parameter.normal_()
     after = block.collect_statistics(hidden)
     for name in before:
         assert torch.allclose(before[name][0], after[name][0], rtol=1e-4, atol=1e-4), name

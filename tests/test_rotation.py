@@ -161,13 +161,17 @@ def test_householder_matrix_matches_dense_product() -> None:
     assert torch.allclose(householder_matrix(vectors), _dense_product(vectors), atol=1e-12)
 
 
-def test_inference_cache_matches_wy_and_follows_updates() -> None:
+@pytest.mark.parametrize("k", [32, 20, 8, 3])  # dense R reused for 2k ≥ d, solved WY factors below
+def test_inference_cache_matches_wy_and_follows_updates(k: int) -> None:
     torch.manual_seed(3)
-    rotation = HouseholderRotation(32, 32, init="random")
+    rotation = HouseholderRotation(32, k, init="random")
+    with torch.no_grad():
+        rotation.vectors[1] = 0.0  # an inactive reflection
     x = torch.randn(7, 32)
     with torch.no_grad():
         cached = rotation.rotate(x)
-        assert hasattr(rotation, "_matrix_cache")
+        assert len(rotation._frozen_cache[1]) == (1 if 2 * k >= 32 else 3)
+        assert torch.allclose(rotation.rotate_transposed(x), householder_apply(x, rotation.vectors, True), atol=1e-5)
         assert torch.allclose(cached, householder_apply(x, rotation.vectors), atol=1e-5)
         assert torch.allclose(rotation.rotate_transposed(cached), x, atol=1e-5)
         rotation.vectors.add_(0.5)  # an in-place update must invalidate the cache

@@ -76,11 +76,14 @@ def test_balanced_factors() -> None:
         assert balanced_factors(dim) == factors
 
 
-def test_kronecker_apply_equals_kron_of_factors() -> None:
+@pytest.mark.parametrize("sizes", [(7,), (4, 5), (3, 4, 5)])
+def test_kronecker_apply_equals_kron_of_factors(sizes) -> None:
     generator = torch.Generator().manual_seed(0)
-    factors = [torch.randn(size, size, generator=generator, dtype=torch.float64) for size in (3, 4, 5)]
-    x = torch.randn(6, 60, generator=generator, dtype=torch.float64)
-    dense = torch.kron(torch.kron(factors[0], factors[1]), factors[2])
+    factors = [torch.randn(size, size, generator=generator, dtype=torch.float64) for size in sizes]
+    x = torch.randn(2, 6, math.prod(sizes), generator=generator, dtype=torch.float64)
+    dense = factors[0]
+    for factor in factors[1:]:
+        dense = torch.kron(dense, factor)
     assert torch.allclose(kronecker_apply(x, factors), x @ dense, atol=1e-10)
 
 
