@@ -149,14 +149,17 @@ def test_bad_settings_name_the_field() -> None:
         check_model_type(config)
 
 
-def test_block_joins_its_layers_device() -> None:
-    """Parameters the block creates (rotations, quantizer clips) land where the layer's weights are.
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_block_joins_its_layers_device(structure) -> None:
+    """Parameters and buffers the block creates (rotations, signs, fixed factors, quantizer clips)
+    land where the layer's weights are.
 
     The meta device stands in for a GPU: before, rotations stayed on the CPU and a CUDA
     layer failed at its first forward.
     """
     model = tiny_model("llama").to("meta")
-    quant = BlockQuantConfig(rotation_init="hadamard", kv_reflections=None, smoothing=True)
+    quant = BlockQuantConfig(rotation_structure=structure, rotation_init=STRUCTURE_INIT[structure],
+                             kv_reflections=None, smoothing=True)
     block = HHDecoderBlock(model.model.layers[0], model.config, model.model.rotary_emb, quant, 0)
     devices = {t.device.type for t in [*block.parameters(), *block.buffers()]}
     assert devices == {"meta"}
