@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tiny_models import SHARED_WIKITEXT_DIR, WIKITEXT_DIR
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from hh_lightning.data import (
@@ -27,9 +28,9 @@ from hh_lightning.data import (
     write_boundary_file,
 )
 
-WIKITEXT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
-needs_wikitext = pytest.mark.skipif(not (WIKITEXT_DIR / "wiki.valid.raw").is_file(),
-                                    reason=f"no WikiText-2 at {WIKITEXT_DIR}")
+# The real file's own rows are checked only where the real file is; the rest runs on any clone.
+needs_wikitext = pytest.mark.skipif(WIKITEXT_DIR != SHARED_WIKITEXT_DIR,
+                                    reason=f"no WikiText-2 at {SHARED_WIKITEXT_DIR}")
 TINY_SIZES = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=128)
 VOCAB_SIZE = 300
@@ -87,7 +88,6 @@ def test_valid_rows_rebuild_the_hf_text():
     assert text.endswith(" = = = Television roles = = = \n\n\n\n\n")
 
 
-@needs_wikitext
 def test_wikitext_source_order(monkeypatch, tmp_path):
     monkeypatch.setenv("HH_DATA_DIR", str(WIKITEXT_DIR))
     assert load_wikitext_text("test") == load_wikitext_text("test", WIKITEXT_DIR)

@@ -23,7 +23,6 @@ from hh_lightning.module import HHBlockModule, OptimConfig
 from hh_lightning.pipeline import PipelineConfig, QuantizationRun
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(not (WIKITEXT_DIR / "wiki.test.raw").is_file(), reason="needs WikiText-2 raw")
 
 # Child processes: tiny matmuls gain nothing from a second thread and lose much when the box is busy.
 CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -32,7 +32,6 @@ from hh_lightning.export import load_quantized
 from hh_lightning.files import sha256_file
 from hh_lightning.module import HHBlockModule
 
-pytestmark = pytest.mark.skipif(not (WIKITEXT_DIR / "wiki.test.raw").is_file(), reason="needs WikiText-2 raw")
 
 EPOCHS = 2  # 2 steps per epoch: enough for "a checkpoint, then more training"
 # One thread per child: on 2 shared cores, more threads only spin and wait (about 20x slower).

@@ -42,7 +42,50 @@ def tiny_model(model_type: str, attn_implementation: str = "sdpa", seed: int = 0
     return model.eval()
 
 
-WIKITEXT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
+SHARED_WIKITEXT_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw"
+WIKITEXT_WORDS = ("the lobster species coast sea river city war army king church music song film album game "
+                  "season team player record year century island ship station road bridge school village "
+                  "was is had were became played released built named known found described moved won "
+                  "in of and to a on at with by from for as after during its their first second new large "
+                  "small north south east west early late famous several many , . @-@ ( )").split()
+
+
+def _generated_wikitext(directory: Path) -> Path:
+    """A small text in WikiText-2 raw's layout (titles, blank lines, paragraphs), for clones without it.
+
+    Deterministic: the same words in the same order on every machine.
+    """
+    import random
+
+    generator = random.Random(0)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, articles in (("valid", 24), ("test", 24)):
+        lines = [" \n"]
+        for article in range(articles):
+            title = " ".join(generator.choice(WIKITEXT_WORDS[:40]).title() for _ in range(2))
+            lines += [f" = {title} {split} {article} = \n", " \n"]
+            for _ in range(3):
+                words = [generator.choice(WIKITEXT_WORDS) for _ in range(generator.randint(40, 90))]
+                lines += [" " + " ".join(words) + " . \n", " \n"]
+        (directory / f"wiki.{split}.raw").write_text("".join(lines), encoding="utf-8")
+    return directory
+
+
+def _wikitext_dir() -> Path:
+    """The real WikiText-2 raw beside the checkout, else a generated stand-in (built once per process)."""
+    if all((SHARED_WIKITEXT_DIR / f"wiki.{split}.raw").is_file() for split in ("valid", "test")):
+        return SHARED_WIKITEXT_DIR
+    import atexit
+    import shutil
+    import tempfile
+
+    directory = Path(tempfile.mkdtemp(prefix="hh_lightning_wikitext_"))
+    atexit.register(shutil.rmtree, directory, True)
+    return _generated_wikitext(directory / "wikitext-2-raw")
+
+
+# Tests that need a WikiText-2 directory always get one: the pipeline tests run on any clone.
+WIKITEXT_DIR = _wikitext_dir()
 TOKENIZER_CORPUS = [
     " = Homarus gammarus = \n",
     " Homarus gammarus , known as the European lobster or common lobster , is a species of clawed lobster "
