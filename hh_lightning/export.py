@@ -9,12 +9,17 @@ A saved directory holds:
   1-D uint8); its ``scale`` and ``zero`` are stored in the smallest lossless
   form (``zero`` as uint8 when it holds small integers only, as symmetric
   grids do; either as fp16 when every value is fp16-representable, as HQQ's
-  are) and cast back to their recorded dtype on load, so a reload is exact. Tensors that are one object in the model (q/k/v's shared transform,
-  tied embeddings) are stored once; the others are listed as ``aliases``.
-  Weightless norms (``γ = 1``) and head-mode ``R_o`` vectors (merged into
-  ``v_proj``/``o_proj`` at fold time) are left out: the loader rebuilds them.
+  are) and cast back to their recorded dtype on load, so a reload is exact.
+  Each online rotation stores what its structure needs (``structured.py``):
+  reflection vectors, Kronecker factor vectors, int8 signs; fixed Hadamard
+  factors are rebuilt from the dimension. Embeddings, lm_head and the final
+  norm are stored in 16 bits (``_sixteen_bit``). Tensors that are one object
+  in the model (q/k/v's shared transform, tied embeddings) are stored once;
+  the others are listed as ``aliases``. Weightless norms (``γ = 1``) and the
+  head-mode ``R_o`` (merged into ``v_proj``/``o_proj`` at fold time) are left
+  out: the loader rebuilds them.
 * ``quantization_config.json``: format name and version, the package version,
-  the ``BlockQuantConfig``, per-layer rotation sizes and per-linear bits,
+  the ``BlockQuantConfig``, per-layer rotation specs and per-linear bits,
   group size and shape, aliases, and the byte size and sha256 of
   ``model.safetensors`` (checked before anything is loaded).
 
