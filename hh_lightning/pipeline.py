@@ -48,6 +48,11 @@ log = logging.getLogger(__name__)
 
 # Trainer arguments the driver sets itself for every layer.
 DRIVER_TRAINER_KEYS = ("callbacks", "logger", "default_root_dir", "enable_checkpointing")
+# Trainer arguments that change what a layer learns: part of a run directory's identity, so a rerun
+# with, say, another max_epochs is refused instead of skipping every layer trained the old way.
+RESULT_TRAINER_KEYS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "precision", "gradient_clip_val",
+                       "gradient_clip_algorithm", "accumulate_grad_batches", "limit_train_batches",
+                       "limit_val_batches", "deterministic")
 
 
 @dataclass
@@ -134,7 +139,8 @@ class QuantizationRun:
                                  f"(max_position_embeddings={context})")
 
     def identity(self) -> dict[str, Any]:
-        """What makes a run directory this run's: model, recipe and calibration data."""
+        """What makes a run directory this run's: model, recipe, calibration data and the trainer
+        settings that change the result (``RESULT_TRAINER_KEYS``)."""
         hp = self.datamodule.hparams
         data = {k: hp[k] for k in ("calibration", "calibration_split", "n_samples", "val_samples", "seq_len",
                                    "seed", "input_mode")}
@@ -143,7 +149,7 @@ class QuantizationRun:
                 "config_sha256": config_hash(self.datamodule.fp_model.config),
                 "windows_sha256": windows_sha256(self.datamodule.windows),
                 "quant": self.recipe.quant.to_dict(), "optim": asdict(self.recipe.optim), "data": data,
-                "layers": self.layers}
+                "trainer": {k: self.trainer_kwargs.get(k) for k in RESULT_TRAINER_KEYS}, "layers": self.layers}
 
     def check_run_dir(self) -> bool:
         """Whether ``run_dir`` already holds this run; raises if it holds another one."""

@@ -197,6 +197,23 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace, capsys, sect
     assert not (tmp / "bad").exists()
 
 
+def test_rerun_with_other_trainer_settings_is_refused_and_the_record_kept(workspace, baseline, capsys) -> None:
+    """A finished run rerun with another max_epochs once skipped every layer and rewrote config.yaml."""
+    tmp, model_dir = workspace
+    config = make_config(tmp, model_dir, "baseline")
+    run_dir = Path(config["pipeline"]["run_dir"])
+    record = (run_dir / "config.yaml").read_text()
+    config["trainer"]["max_epochs"] = 5
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(write_config(tmp, config, "more_epochs"))])
+    assert exit_info.value.code == 2
+    assert "holds another run (differs in: trainer)" in capsys.readouterr().err
+    assert (run_dir / "config.yaml").read_text() == record
+    config["trainer"]["enable_progress_bar"] = True  # cannot change the result: accepted
+    config["trainer"]["max_epochs"] = baseline[0]["trainer"]["max_epochs"]
+    main(["fit", "--config", str(write_config(tmp, config, "progress_bar"))])
+
+
 def test_run_dir_of_another_run_is_refused(workspace, baseline, capsys) -> None:
     tmp, model_dir = workspace
     config = make_config(tmp, model_dir, "baseline")
