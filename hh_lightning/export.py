@@ -493,15 +493,19 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
 # --------------------------------------------------------------------------
 # Load
 # --------------------------------------------------------------------------
+def _saved_quant(saved: dict[str, Any]) -> dict[str, Any]:
+    """A saved ``BlockQuantConfig`` dict; version 1 files predate structures: theirs are ``householder``."""
+    return {"rotation_structure": "householder", **saved}
+
+
 def _loading_config(saved: dict[str, Any], rotations: dict[str, dict[str, Any]]) -> BlockQuantConfig:
     """A config that builds a block with the saved rotation structures and no costly init.
 
     The learned values are read from the file, so the rotations start as
     identity (``hadamard``'s QR or a PCA would be wasted work) with the
-    recorded sizes. Version 1 files predate structures: theirs are ``householder``.
+    recorded sizes.
     """
-    values = dict(saved)
-    values.setdefault("rotation_structure", "householder")
+    values = _saved_quant(saved)
     values["rotation_init"] = "identity"
     for name in ROTATION_NAMES:
         spec = rotations.get(name)
@@ -570,7 +574,7 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
         wrap_model(model, _loading_config(saved, entry["rotations"]), layer_indices=[index])
         block = layers[index]
         block.fold_()
-        saved_configs.append(BlockQuantConfig.from_dict({"rotation_structure": "householder", **saved}))
+        saved_configs.append(BlockQuantConfig.from_dict(_saved_quant(saved)))
         built = {name: rotation.spec() for name, rotation in block.rotations().items()}
         for name, spec in entry["rotations"].items():
             if built.get(name, {}).get("structure", "householder") != spec.get("structure", "householder"):

@@ -374,7 +374,7 @@ class HouseholderRotation(Rotation):
                               torch.Generator().manual_seed(seed))
         self.vectors.copy_(normalize_vectors(torch.cat([pca.to(self.vectors), rest.to(self.vectors)])))
 
-    def _frozen(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    def _frozen(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...] | None:
         """What inference reuses across calls while no gradient is needed: ``(R,)`` or ``(Vᵀ, U⁻ᵀV, U⁻¹V)``.
 
         The vectors do not change at inference, so the Gram matrix and the
@@ -386,10 +386,10 @@ class HouseholderRotation(Rotation):
         """
         if torch.is_grad_enabled():
             return None
-        key = (self.vectors._version, self.vectors.data_ptr(), x.device, x.dtype)
+        dtype = torch.promote_types(dtype, torch.float32)
+        key = (self.vectors._version, self.vectors.data_ptr(), device, dtype)
         cached = getattr(self, "_frozen_cache", None)
         if cached is None or cached[0] != key:
-            dtype = torch.promote_types(x.dtype, torch.float32)
             vectors = self.vectors.detach().float()
             if 2 * self.num_reflections >= self.dim:
                 value: tuple[torch.Tensor, ...] = (householder_matrix(vectors),)
@@ -397,12 +397,12 @@ class HouseholderRotation(Rotation):
                 factor = _triangular_factor(vectors)
                 value = (vectors.T.contiguous(), torch.linalg.solve_triangular(factor.T, vectors, upper=False),
                          torch.linalg.solve_triangular(factor, vectors, upper=True))
-            cached = (key, tuple(t.to(device=x.device, dtype=dtype) for t in value))
+            cached = (key, tuple(t.to(device=device, dtype=dtype) for t in value))
             self._frozen_cache = cached
         return cached[1]
 
     def _apply_frozen(self, x: torch.Tensor, transpose: bool) -> torch.Tensor | None:
-        frozen = self._frozen(x)
+        frozen = self._frozen(x.device, x.dtype)
         if frozen is None:
             return None
         rows = x.to(frozen[0].dtype)
@@ -424,5 +424,8 @@ class HouseholderRotation(Rotation):
         return householder_apply(x, self.vectors, transpose=True) if out is None else out
 
     def matrix(self) -> torch.Tensor:
-        """The dense ``R`` (``d × d``)."""
+        """The dense ``R`` (``d × d``); reused across calls without gradients when ``2k ≥ d``."""
+        frozen = self._frozen(self.vectors.device, self.vectors.dtype)
+        if frozen is not None and len(frozen) == 1:
+            return frozen[0]
         return householder_matrix(self.vectors)

@@ -120,7 +120,6 @@ class KroneckerRotation(Rotation):
         self.factor_b = HouseholderRotation(b, b, init=init, seed=seed + 1)
         signs = _random_signs(dim, seed + 2) if init == "hadamard" else torch.ones(dim, dtype=torch.int8)
         self.register_buffer("signs", signs)
-        self._cache: tuple[Any, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, factors={self.factors}, init={self.init}"
@@ -129,14 +128,8 @@ class KroneckerRotation(Rotation):
         return {"structure": self.structure, "dim": self.dim, "factors": list(self.factors)}
 
     def _factor_matrices(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)``; built once and reused while no gradient is needed and the vectors are unchanged."""
-        vectors = (self.factor_a.vectors, self.factor_b.vectors)
-        if torch.is_grad_enabled():
-            return tuple(m.to(dtype) for m in (self.factor_a.matrix(), self.factor_b.matrix()))
-        key = tuple((v._version, v.data_ptr(), v.device) for v in vectors) + (dtype,)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, (self.factor_a.matrix().to(dtype), self.factor_b.matrix().to(dtype)))
-        return self._cache[1]
+        """``(A, B)``: full factors (k = a, k = b), whose ``matrix()`` is reused across calls without gradients."""
+        return self.factor_a.matrix().to(dtype), self.factor_b.matrix().to(dtype)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x R = vec_row(Aᵀ X B)`` of ``x ⊙ s``, ``x``: ``(..., d)``."""
