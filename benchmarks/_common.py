@@ -60,6 +60,15 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         raise
 
 
+def stored_rows(path: Path, settings: dict[str, Any], fresh: bool = False) -> dict[str, Any]:
+    """The rows a benchmark stored in ``path`` under the same ``settings`` (``{}`` if none, other
+    settings, or ``fresh``), so an interrupted run resumes without mixing incomparable numbers."""
+    if fresh or not path.is_file():
+        return {}
+    stored = json.loads(path.read_text())
+    return stored["rows"] if stored.get("settings") == settings else {}
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

@@ -36,7 +36,6 @@ import copy
 import dataclasses
 import gc
 import hashlib
-import json
 import math
 import sys
 import time
@@ -47,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import machine_info, markdown_table, write_json_atomic
+from _common import machine_info, markdown_table, stored_rows, write_json_atomic
 from hqq_vs_reference import reference_dequantize, reference_quantize
 
 from hh_lightning.block import LINEAR_NAMES, BlockQuantConfig, HHDecoderBlock
@@ -301,12 +300,9 @@ def main() -> None:
     settings = settings_of(args, recipe)
     stored_path = out / f"{args.name}.json"
     results: dict[str, Any] = {"settings": settings, "machine": machine_info(), "rows": {}}
-    if stored_path.is_file() and not args.fresh:
-        stored = json.loads(stored_path.read_text())
-        if stored.get("settings") == settings:
-            results["rows"] = {n: r for n, r in stored["rows"].items() if n in args.rows}
-            if results["rows"]:
-                print(f"resuming: {', '.join(results['rows'])} already in {stored_path}", flush=True)
+    results["rows"] = {n: r for n, r in stored_rows(stored_path, settings, args.fresh).items() if n in args.rows}
+    if results["rows"]:
+        print(f"resuming: {', '.join(results['rows'])} already in {stored_path}", flush=True)
     tokens = tokenize_text(recipe.datamodule.tokenizer, recipe.test_text)
     windows = None if args.all else args.windows
     for name in args.rows:

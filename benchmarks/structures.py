@@ -43,7 +43,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import STRUCTURE_RECIPES, machine_info, markdown_table, structure_overrides, write_json_atomic
+from _common import (
+    STRUCTURE_RECIPES,
+    machine_info,
+    markdown_table,
+    stored_rows,
+    structure_overrides,
+    write_json_atomic,
+)
 from results import Recipe, untrained_model
 
 from hh_lightning.cli import main as build_cli
@@ -184,11 +191,9 @@ def main() -> None:
     out = Path(args.out)
     stored_path = out / f"{args.name}.json"
     results: dict[str, Any] = {"settings": settings, "machine": machine_info(), "rows": {}}
-    if stored_path.is_file() and not args.fresh:
-        stored = json.loads(stored_path.read_text())
-        if stored.get("settings") == settings:
-            results["rows"] = stored["rows"]
-            print(f"resuming: {', '.join(results['rows'])} already in {stored_path}", flush=True)
+    results["rows"] = stored_rows(stored_path, settings, args.fresh)
+    if results["rows"]:
+        print(f"resuming: {', '.join(results['rows'])} already in {stored_path}", flush=True)
 
     tokens = tokenize_text(recipe.datamodule.tokenizer, recipe.test_text)
     plan = [] if args.skip_fp else [("fp", None)]
