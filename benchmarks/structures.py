@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16, help="test windows scored (the first N)")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--overhead-tokens", type=int, default=512)
-    parser.add_argument("--overhead-repeats", type=int, default=7)
+    parser.add_argument("--overhead-repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--run-root", default=str(REPO_ROOT / "runs" / "structures"))
     parser.add_argument("--out", default=str(REPO_ROOT / "benchmarks" / "results"))

@@ -135,6 +135,9 @@ def export_block(pl_module: HHBlockModule, val_loader: Any, artifact_dir: Path, 
     """Fold, measure and save one trained block; returns the metadata path."""
     block = pl_module.block
     block.eval()
+    # Measure the trained block with the rotations it ships (rounded to quant.rotation_dtype), so
+    # mse_folded == mse_final checks the fold alone.
+    block.round_rotations_()
     mse_final = block_mse(block, val_loader, pl_module.device)
     if not math.isfinite(mse_final):
         raise FloatingPointError(f"layer {pl_module.layer_index}: validation MSE is {mse_final}; not exporting")

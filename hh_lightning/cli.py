@@ -21,10 +21,16 @@ from .datamodule import BlockActivationDataModule
 from .files import DirectoryLocked
 from .module import HHBlockModule
 from .parallel import WorkerInfo, launcher_worker
-from .pipeline import PipelineConfig, QuantizationRun
+from .pipeline import PipelineConfig, QuantizationRun, RunInterrupted
 
 # Errors of the checks that run before any heavy work: printed as one line, exit code 2.
 INPUT_ERRORS = (ValueError, FileNotFoundError)
+
+
+def _refuse(error: Exception) -> None:
+    """Bad input: one line on stderr, exit code 2, nothing written."""
+    print(f"error: {error}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 class QuantizeCLI(LightningCLI):
@@ -38,6 +44,13 @@ class QuantizeCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_class_arguments(PipelineConfig, "pipeline")
 
+    def instantiate_classes(self) -> None:
+        """Build the recipe, datamodule and Trainer; their own range checks become one-line errors."""
+        try:
+            super().instantiate_classes()
+        except INPUT_ERRORS as error:
+            _refuse(error)
+
     def fit(self, model: HHBlockModule, datamodule: BlockActivationDataModule, **_: Any) -> None:
         config = self.config[self.subcommand]
         pipeline = self.config_init[self.subcommand]["pipeline"]
@@ -45,14 +58,17 @@ class QuantizeCLI(LightningCLI):
         try:
             run.validate()
         except INPUT_ERRORS as error:
-            print(f"error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
+            _refuse(error)
         config_yaml = self._parser(self.subcommand).dump(config, skip_none=False)
         try:
             self.summary = run.run(self.launched, config_yaml=config_yaml)
-        except DirectoryLocked as error:  # another run holds run_dir: refused like bad input
-            print(f"error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
+        except DirectoryLocked as error:  # another run holds run_dir or reads the cache: refused like bad input
+            _refuse(error)
+        except KeyboardInterrupt as stop:
+            where = f" during {stop}" if isinstance(stop, RunInterrupted) else ""
+            print(f"interrupted{where}; rerun the same command to resume: finished layers in {run.run_dir} are "
+                  "kept and an unfinished one restarts from its last checkpoint", file=sys.stderr)
+            raise SystemExit(130) from None
         if self.summary is not None:
             print((Path(pipeline.run_dir).expanduser() / "summary.md").read_text())
 

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hh_lightning.files import fsync_path, remove_leftovers, sha256_file
+from hh_lightning.files import DirectoryLocked, FileLock, fsync_path, remove_leftovers, sha256_file
 from hh_lightning.models import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 WIKITEXT_HUB_ID = "Salesforce/wikitext"
 WIKITEXT_HUB_CONFIG = "wikitext-2-raw-v1"
 # Split name accepted from the user -> (Hugging Face split, file stem in wiki.<stem>.raw).
-_WIKITEXT_SPLITS = {
+WIKITEXT_SPLITS = {
     "train": ("train", "train"),
     "validation": ("validation", "valid"),
     "valid": ("validation", "valid"),
@@ -60,9 +60,9 @@ _WIKITEXT_SPLITS = {
 
 def _wikitext_split(split: str) -> tuple[str, str]:
     try:
-        return _WIKITEXT_SPLITS[split]
+        return WIKITEXT_SPLITS[split]
     except KeyError:
-        raise ValueError(f"unknown WikiText split {split!r}; expected one of {sorted(_WIKITEXT_SPLITS)}") from None
+        raise ValueError(f"unknown WikiText split {split!r}; expected one of {sorted(WIKITEXT_SPLITS)}") from None
 
 
 def wikitext_rows(split: str, data_dir: str | Path | None = None) -> list[str]:
@@ -647,22 +647,20 @@ def open_activation_cache(
     return manifest
 
 
-@contextlib.contextmanager
-def _build_lock(cache_dir: Path) -> Iterator[None]:
-    """Exclusive lock so concurrent processes (one per device) build a cache once."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): the atomic rename still keeps caches whole
-        yield
-        return
-    cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = cache_dir.parent / f".{cache_dir.name}.lock"
-    with open(lock_path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+def _lock_paths(cache_dir: Path) -> tuple[Path, Path]:
+    """The build lock (one builder at a time) and the readers' lock of ``cache_dir``, beside it:
+    the directory itself is replaced by a rebuild."""
+    return cache_dir.parent / f".{cache_dir.name}.lock", cache_dir.parent / f".{cache_dir.name}.readers"
+
+
+def _build_lock(cache_dir: Path) -> FileLock:
+    """Exclusive (``with``) lock so concurrent processes (one per device) build a cache once."""
+    return FileLock(_lock_paths(cache_dir)[0])
+
+
+def activation_cache_reader(cache_dir: str | Path) -> FileLock:
+    """The lock a run holds (shared) on ``cache_dir`` while it reads it; pass it to ``ensure_activation_cache``."""
+    return FileLock(_lock_paths(Path(cache_dir).expanduser())[1])
 
 
 def ensure_activation_cache(
@@ -675,24 +673,54 @@ def ensure_activation_cache(
     fingerprint: dict[str, Any],
     verify: bool = False,
     progress: bool = True,
+    reader: FileLock | None = None,
 ) -> CacheManifest:
     """Open the cache at `cache_dir` if it matches `fingerprint` and `windows`, else (re)build it.
 
     Holds the build lock throughout, so concurrent callers build once and the
     others reuse; it also deletes what killed builds left next to `cache_dir`.
+    `reader` (``activation_cache_reader``) is left holding a shared lock on
+    the cache, which the caller keeps while it reads the files. A cache that
+    another holder of such a lock reads is never replaced: a caller that
+    needs it rebuilt for other settings gets ``DirectoryLocked`` naming
+    ``data.cache_dir`` and the differing keys, and the cache stays as it is.
     A full disk raises `OSError(ENOSPC)` naming `cache_dir` and leaves no cache.
     """
     cache_dir = Path(cache_dir).expanduser()
-    with _build_lock(cache_dir):
-        # Under the lock no build is live: any build or stale directory is a killed build's.
-        for path in remove_leftovers(cache_dir.parent, cache_dir.name, ".build-", ".stale-"):
-            log.warning("removed %s, left by an interrupted cache build", path)
-        manifest = open_activation_cache(cache_dir, fingerprint, verify=verify, windows=windows)
-        if manifest is not None and manifest.dtype == _storage_dtype(dtype):
+    own_reader = reader is None
+    reader = activation_cache_reader(cache_dir) if own_reader else reader
+    try:
+        with _build_lock(cache_dir):
+            # Under the lock no build is live: any build or stale directory is a killed build's.
+            for path in remove_leftovers(cache_dir.parent, cache_dir.name, ".build-", ".stale-"):
+                log.warning("removed %s, left by an interrupted cache build", path)
+            manifest = open_activation_cache(cache_dir, fingerprint, verify=verify, windows=windows)
+            if manifest is not None and manifest.dtype == _storage_dtype(dtype):
+                reader.acquire(shared=True)
+                return manifest
+            if not reader.acquire(shared=False, blocking=False):
+                raise DirectoryLocked(f"data.cache_dir={cache_dir} is being read by another run built for other "
+                                      f"settings ({_cache_difference(cache_dir, fingerprint, dtype)}); "
+                                      "use another data.cache_dir, or leave it unset for one per recipe")
+            manifest = build_activation_cache(model, windows, cache_dir, dtype=dtype, batch_size=batch_size,
+                                              fingerprint=fingerprint, progress=progress)
+            reader.acquire(shared=True)  # down to a reader's lock: other runs of these settings may share it
             return manifest
-        return build_activation_cache(
-            model, windows, cache_dir, dtype=dtype, batch_size=batch_size, fingerprint=fingerprint, progress=progress
-        )
+    finally:
+        if own_reader:
+            reader.release()
+
+
+def _cache_difference(cache_dir: Path, fingerprint: dict[str, Any], dtype: str | torch.dtype) -> str:
+    """Which settings the cache at ``cache_dir`` was built for differently, for an error message."""
+    try:
+        data = json.loads((cache_dir / MANIFEST_NAME).read_text())
+    except (OSError, json.JSONDecodeError):
+        return "its manifest is unreadable"
+    keys = _fingerprint_diff(data.get("fingerprint", {}), _normalize(fingerprint))
+    if data.get("dtype") != _storage_dtype(dtype):
+        keys.append("cache_dtype")
+    return "differs in: " + (", ".join(keys) or "its files")
 
 
 def read_windows(manifest: CacheManifest) -> torch.LongTensor:

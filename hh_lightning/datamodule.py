@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Sampler
 from .data import (
     BoundaryPairDataset,
     CacheManifest,
+    activation_cache_reader,
     cache_fingerprint,
     calibration_windows,
     ensure_activation_cache,
@@ -201,12 +202,14 @@ class BlockActivationDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------ Lightning
     def prepare_data(self) -> None:
-        """Build the activation cache once; later calls only check the manifest."""
+        """Build (or open) the activation cache once and hold its readers' lock; later calls do nothing."""
         if self.manifest is None:
+            # Held (shared) for this object's life, so no other run rebuilds the cache under its reads.
+            self._cache_reader = activation_cache_reader(self.cache_path)
             self.manifest = ensure_activation_cache(
                 self.fp_model, self.windows, self.cache_path, dtype=self.hparams.cache_dtype,
                 batch_size=self.hparams.cache_batch_size, fingerprint=self.fingerprint(),
-                verify=self.hparams.verify_cache)
+                verify=self.hparams.verify_cache, reader=self._cache_reader)
 
     def select_layer(self, layer_index: int, input_path: Path | None = None) -> None:
         """Serve layer ``layer_index``; ``input_path`` replaces its cached input (quantized mode)."""

@@ -12,7 +12,9 @@ A saved directory holds:
   are) and cast back to their recorded dtype on load, so a reload is exact.
   Each online rotation stores what its structure needs (``structured.py``):
   reflection vectors, Kronecker factor vectors, int8 signs; fixed Hadamard
-  factors are rebuilt from the dimension. Embeddings, lm_head and the final
+  factors are rebuilt from the dimension. ``fold_`` rounds the learned values
+  to ``quant.rotation_dtype`` before folding, so they are stored in 16 bits
+  with no loss and the folded weights match them exactly. Embeddings, lm_head and the final
   norm are stored in 16 bits (``_sixteen_bit``). Tensors that are one object
   in the model (q/k/v's shared transform, tied embeddings) are stored once;
   the others are listed as ``aliases``. Weightless norms (``γ = 1``) and the
@@ -20,8 +22,11 @@ A saved directory holds:
   out: the loader rebuilds them.
 * ``quantization_config.json``: format name and version, the package version,
   the ``BlockQuantConfig``, per-layer rotation specs and per-linear bits,
-  group size and shape, aliases, and the byte size and sha256 of
-  ``model.safetensors`` (checked before anything is loaded).
+  group size and shape, aliases, the byte size and sha256 of
+  ``model.safetensors`` and ``config.json`` (and ``generation_config.json``),
+  and the sha256 of its own content (``content_sha256``). All are checked
+  before anything is loaded: an edit to any of them, even a valid one such
+  as ``a_bits`` 4 → 8, would change the logits, so it is refused.
 
 Packing (``pack_codes``): ``b``-bit codes (``b ≤ 7``) are taken 8 at a time;
 8 codes fill exactly ``b`` bytes. Code ``i`` of a group occupies bits
@@ -47,7 +52,7 @@ from torch import nn
 
 from . import __version__
 from .block import BlockQuantConfig, HHDecoderBlock, wrap_model
-from .files import fsync_path, sha256_file
+from .files import content_sha256, file_record, fsync_path, verify_file_record
 from .linear import FoldedLinear
 
 __all__ = [
@@ -66,10 +71,14 @@ __all__ = [
 
 FORMAT_NAME = "hh_lightning"
 # 2: rotation structures (``rotation_structure``, per-rotation ``spec``); embeddings and norms in a
-# storage dtype. Version 1 files (plain Householder rotations) still load.
-FORMAT_VERSION = 2
+# storage dtype. 3: the ``files`` record also covers config.json (and generation_config.json), and
+# ``quantization_config.json`` carries the sha256 of its own content. Versions 1 and 2 still load.
+FORMAT_VERSION = 3
 WEIGHTS_NAME = "model.safetensors"
 QUANT_CONFIG_NAME = "quantization_config.json"
+# Files whose size and sha256 quantization_config.json records (each that the export holds).
+RECORDED_FILES = (WEIGHTS_NAME, "config.json", "generation_config.json")
+CONTENT_HASH_KEY = "content_sha256"
 ROTATION_NAMES = ("qkv", "o", "upgate", "down", "kv")
 
 # 8 codes of b bits fill exactly b bytes, for every b.
@@ -255,15 +264,23 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _sixteen_bit(tensor: torch.Tensor, fallback: torch.dtype) -> torch.Tensor:
-    """``tensor`` in a 16-bit float: bf16 or fp16 where that is exact (a bf16 model loaded in fp32),
-    else ``fallback`` (rounded)."""
+def _exact_sixteen_bit(tensor: torch.Tensor) -> torch.Tensor | None:
+    """``tensor`` as bf16 or fp16 where that cast is exact, else ``None``."""
     tensor = tensor.detach().cpu()
+    if not tensor.is_floating_point() or tensor.element_size() <= 2:
+        return None
     for dtype in (torch.bfloat16, torch.float16):
         cast = tensor.to(dtype)
         if torch.equal(cast.to(tensor.dtype), tensor):
             return cast
-    return tensor.to(fallback)
+    return None
+
+
+def _sixteen_bit(tensor: torch.Tensor, fallback: torch.dtype) -> torch.Tensor:
+    """``tensor`` in a 16-bit float: bf16 or fp16 where that is exact (a bf16 model loaded in fp32),
+    else ``fallback`` (rounded)."""
+    exact = _exact_sixteen_bit(tensor)
+    return exact if exact is not None else tensor.detach().cpu().to(fallback)
 
 
 # --------------------------------------------------------------------------
@@ -310,20 +327,10 @@ def _read_quant_config(directory: Path) -> dict[str, Any]:
     if not isinstance(meta.get("format_version"), int) or meta["format_version"] > FORMAT_VERSION:
         raise ValueError(f"{path}: format_version={meta.get('format_version')!r} is newer than this "
                          f"hh_lightning ({__version__}) reads (≤ {FORMAT_VERSION})")
+    if meta["format_version"] >= 3 and meta.get(CONTENT_HASH_KEY) != content_sha256(meta, exclude=CONTENT_HASH_KEY):
+        raise ValueError(f"{path} does not match its {CONTENT_HASH_KEY}: it was edited or damaged after saving, "
+                         "and its settings decide how the weights are read; export the model again")
     return meta
-
-
-def _verify_weights(path: Path, record: dict[str, Any]) -> None:
-    """Check byte size, then sha256, against the record; raise naming ``path``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found")
-    size = path.stat().st_size
-    if size != record["bytes"]:
-        raise ValueError(f"{path} has {size} bytes, expected {record['bytes']}: the file is truncated or corrupted")
-    digest = sha256_file(path)
-    if digest != record["sha256"]:
-        raise ValueError(f"{path} sha256 {digest} does not match the recorded {record['sha256']}: "
-                         "the file is corrupted")
 
 
 def _read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -379,6 +386,8 @@ def _collect_tensors(model: nn.Module, blocks: dict[str, HHDecoderBlock], storag
             value = _compact(value)
         elif value.is_floating_point() and not any(key.startswith(f"{prefix}.") for prefix in blocks):
             value = _sixteen_bit(value, storage_dtype)
+        elif _ROTATION_KEY.search(key) and (exact := _exact_sixteen_bit(value)) is not None:
+            value = exact  # fold_ rounded the rotations to quant.rotation_dtype: 16 bits lose nothing
         tensors[key] = value.detach().cpu().contiguous()
 
     # safetensors refuses distinct entries over one storage (e.g. views); give those their own copy.
@@ -476,9 +485,11 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
             "block_quant_config": global_quant,
             "layers": layers_meta,
             "aliases": aliases,
-            "files": {WEIGHTS_NAME: {"bytes": weights.stat().st_size, "sha256": sha256_file(weights)}},
+            # Every file the model is rebuilt from; this file vouches for itself through content_sha256.
+            "files": {name: file_record(staging / name) for name in RECORDED_FILES if (staging / name).is_file()},
             "extra": extra,
         }
+        meta[CONTENT_HASH_KEY] = content_sha256(meta, exclude=CONTENT_HASH_KEY)
         _write_json(staging / QUANT_CONFIG_NAME, meta)
         fsync_path(staging / QUANT_CONFIG_NAME)
         fsync_path(staging)
@@ -547,7 +558,8 @@ def _set_linear_buffers(module: FoldedLinear, entry: dict[str, Any], key: str,
 def load_quantized(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a runnable folded model saved by ``save_quantized``.
 
-    Checks ``model.safetensors`` against its recorded size and sha256 first
+    Checks ``quantization_config.json`` against its ``content_sha256`` and every recorded file
+    (``model.safetensors``, ``config.json``) against its size and sha256 first
     (a ``ValueError`` naming the file otherwise), builds the transformers
     model from the saved config (no download), wraps and folds every layer,
     then loads the tensors. Returns the model in eval mode on ``device``.
@@ -557,10 +569,14 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
     directory = Path(directory)
     meta = _read_quant_config(directory)
     weights_path = directory / WEIGHTS_NAME
-    record = meta.get("files", {}).get(WEIGHTS_NAME)
-    if not isinstance(record, dict) or not {"bytes", "sha256"} <= set(record):
-        raise ValueError(f"{directory / QUANT_CONFIG_NAME} has no size/sha256 record for {WEIGHTS_NAME}")
-    _verify_weights(weights_path, record)
+    records = meta.get("files", {})
+    for name in RECORDED_FILES if meta["format_version"] >= 3 else (WEIGHTS_NAME,):
+        record = records.get(name)
+        if record is None and name == "generation_config.json":
+            continue  # saved only when the model had one
+        if not isinstance(record, dict) or not {"bytes", "sha256"} <= set(record):
+            raise ValueError(f"{directory / QUANT_CONFIG_NAME} has no size/sha256 record for {name}")
+        verify_file_record(directory / name, record)
 
     config = AutoConfig.from_pretrained(directory)
     model = AutoModelForCausalLM.from_config(config, dtype=_dtype_from_name(meta["dtype"]))

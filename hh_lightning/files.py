@@ -36,6 +36,32 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def file_record(path: str | os.PathLike) -> dict[str, Any]:
+    """The integrity record of a file: ``{"bytes": size, "sha256": hex digest}``."""
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def verify_file_record(path: str | os.PathLike, record: dict[str, Any]) -> None:
+    """Check a file against its ``file_record``: size first (cheap), then sha256; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    size = path.stat().st_size
+    if size != record["bytes"]:
+        raise ValueError(f"{path} has {size} bytes, expected {record['bytes']}: the file is truncated or changed")
+    digest = sha256_file(path)
+    if digest != record["sha256"]:
+        raise ValueError(f"{path} sha256 {digest} does not match the recorded {record['sha256']}: "
+                         "the file is corrupted or was edited")
+
+
+def content_sha256(values: dict[str, Any], exclude: str) -> str:
+    """sha256 of a JSON object's canonical form without its key ``exclude`` (where that hash is kept),
+    so a file can vouch for its own content."""
+    canonical = json.dumps({k: v for k, v in values.items() if k != exclude}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """Flush a file (or a directory entry) to disk; best effort where the OS cannot."""
     try:
@@ -63,6 +89,56 @@ def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, default=str))
 
 
+try:
+    import fcntl
+except ImportError:  # no flock (Windows): locks are no-ops; atomic writes still keep every file whole
+    fcntl = None  # type: ignore[assignment]
+
+
+class FileLock:
+    """An ``flock`` on ``path``: shared (many readers) or exclusive (one writer), blocking or not.
+
+    Held until ``release()``, garbage collection or process exit (the kernel
+    drops it when its holder dies, so a killed process never leaves a stale
+    lock). Calling ``acquire`` again on a held lock converts it, e.g. an
+    exclusive writer's lock down to shared once the writing is done.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.fd: int | None = None
+
+    def acquire(self, *, shared: bool = False, blocking: bool = True) -> bool:
+        """Take (or convert) the lock; ``False`` if ``blocking=False`` and another holder conflicts."""
+        if fcntl is None:
+            return True
+        if self.fd is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # No O_TRUNC: opening must not erase what the holder wrote (directory_lock's pid).
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        flags = (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | (0 if blocking else fcntl.LOCK_NB)
+        try:
+            fcntl.flock(self.fd, flags)
+        except BlockingIOError:
+            return False
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+
+    def __enter__(self) -> "FileLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        self.release()
+
+
 @contextlib.contextmanager
 def directory_lock(directory: str | os.PathLike, what: str = "directory") -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``directory/.lock`` for the ``with`` body, or refuse at once.
@@ -72,28 +148,19 @@ def directory_lock(directory: str | os.PathLike, what: str = "directory") -> Ite
     lock when its holder dies, so a killed run never leaves a stale lock; the
     file itself stays (unlinking it would race with a process opening it).
     """
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): unlocked; atomic writes still keep every file whole
-        yield
-        return
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_NAME
-    # No O_TRUNC: opening must not erase the pid the holder wrote.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = FileLock(directory / LOCK_NAME)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            raise DirectoryLocked(f"{what} {directory} is in use by another run (pid {holder}, lock {path}); "
-                                  "wait for it to finish or use another directory") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        if not lock.acquire(blocking=False):
+            holder = os.pread(lock.fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            raise DirectoryLocked(f"{what} {directory} is in use by another run (pid {holder}, lock {lock.path}); "
+                                  "wait for it to finish or use another directory")
+        if lock.fd is not None:
+            os.ftruncate(lock.fd, 0)
+            os.pwrite(lock.fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
-        os.close(fd)  # releases the lock
+        lock.release()
 
 
 def remove_leftovers(directory: str | os.PathLike, name: str, *suffixes: str) -> list[Path]:

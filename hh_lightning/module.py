@@ -21,6 +21,13 @@ class OptimConfig:
 
     Defaults follow FlatQuant's recipe: transforms (reflections, smoothing) at
     ``lr_transforms``, clip ratios at ``lr_clips``.
+
+    Args:
+        lr_transforms: peak learning rate of the rotations and smoothing scales (>= 0).
+        lr_clips: peak learning rate of the weight and activation clip ratios (>= 0).
+        weight_decay: AdamW weight decay (>= 0).
+        min_lr_ratio: the cosine schedule ends at ``lr · min_lr_ratio``, in (0, 1].
+        betas: AdamW's two moment decays, each in [0, 1).
     """
 
     lr_transforms: float = 5e-3
@@ -28,6 +35,17 @@ class OptimConfig:
     weight_decay: float = 0.0
     min_lr_ratio: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
+
+    def validate(self) -> None:
+        """One-line errors naming the field: a negative lr would train the error upward."""
+        for name in ("lr_transforms", "lr_clips", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"model.optim.{name}={value} must be a finite number >= 0")
+        if not 0 < self.min_lr_ratio <= 1:
+            raise ValueError(f"model.optim.min_lr_ratio={self.min_lr_ratio} must be in (0, 1]")
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"model.optim.betas={tuple(self.betas)} must be two numbers in [0, 1)")
 
 
 def cosine_factor(step: int, total_steps: int, min_ratio: float) -> float:

@@ -39,6 +39,22 @@ def _uses_gpu(trainer_kwargs: dict[str, Any]) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
+def listed_devices(trainer_kwargs: dict[str, Any]) -> list[int] | None:
+    """The device indices ``trainer.devices`` names (``[2, 3]`` or ``"2,3"``), or ``None`` for a count/auto."""
+    devices = trainer_kwargs.get("devices", "auto")
+    if isinstance(devices, str) and "," in devices:
+        devices = [part for part in devices.split(",") if part.strip()]
+    if isinstance(devices, (list, tuple)):
+        return [int(device) for device in devices]
+    return None
+
+
+def _gpu_of_rank(trainer_kwargs: dict[str, Any], rank: int) -> torch.device:
+    """Worker ``rank``'s GPU: the ``rank``-th of the listed devices, else GPU ``rank``."""
+    listed = listed_devices(trainer_kwargs)
+    return torch.device("cuda", listed[rank] if listed else rank)
+
+
 @dataclass
 class WorkerInfo:
     """Which share of the layers this process trains, and on which device."""
@@ -50,7 +66,7 @@ class WorkerInfo:
 
     @classmethod
     def single(cls, trainer_kwargs: dict[str, Any]) -> "WorkerInfo":
-        return cls(device=torch.device("cuda", 0) if _uses_gpu(trainer_kwargs) else torch.device("cpu"))
+        return cls(device=_gpu_of_rank(trainer_kwargs, 0) if _uses_gpu(trainer_kwargs) else torch.device("cpu"))
 
     def share(self, layers: list[int]) -> list[int]:
         """Round-robin share, so every worker gets early and late (slower) layers alike."""
@@ -64,9 +80,10 @@ class WorkerInfo:
 
     @staticmethod
     def world_size_for(trainer_kwargs: dict[str, Any]) -> int:
+        listed = listed_devices(trainer_kwargs)
+        if listed is not None:
+            return len(listed)
         devices = trainer_kwargs.get("devices", "auto")
-        if isinstance(devices, (list, tuple)):
-            return len(devices)
         if isinstance(devices, str) and devices.isdigit():
             devices = int(devices)
         if isinstance(devices, int) and devices > 0:
@@ -112,11 +129,10 @@ def _worker_main(rank: int, world_size: int, state: dict[str, Any]) -> None:
 
     torch.set_num_threads(state["threads"])
     run = QuantizationRun.from_state(state)
-    use_gpu = _uses_gpu(run.trainer_kwargs)
-    if use_gpu:  # "cuda" (data.device: auto) then means this worker's own GPU
-        torch.cuda.set_device(rank)
-    worker = WorkerInfo(rank=rank, world_size=world_size,
-                        device=torch.device("cuda", rank) if use_gpu else torch.device("cpu"))
+    device = _gpu_of_rank(run.trainer_kwargs, rank) if _uses_gpu(run.trainer_kwargs) else torch.device("cpu")
+    if device.type == "cuda":  # "cuda" (data.device: auto) then means this worker's own GPU
+        torch.cuda.set_device(device)
+    worker = WorkerInfo(rank=rank, world_size=world_size, device=device)
     run.datamodule.prepare_data()
     run.train_layers(worker.share(run.layers), worker)
 

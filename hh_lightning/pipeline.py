@@ -16,6 +16,7 @@ import inspect
 import json
 import logging
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,23 +37,39 @@ from .callbacks import (
     load_layer_artifact,
     read_layer_artifact,
 )
-from .data import tokenize_text, windows_sha256, write_boundary_file
+from .data import WIKITEXT_SPLITS, tokenize_text, windows_sha256, write_boundary_file
 from .datamodule import BlockActivationDataModule
 from .evaluation import perplexity
 from .files import directory_lock, remove_leftovers, write_text_atomic
 from .models import config_hash
 from .module import HHBlockModule
-from .parallel import WorkerInfo, run_in_processes
+from .parallel import WorkerInfo, listed_devices, run_in_processes
 
 log = logging.getLogger(__name__)
 
-# Trainer arguments the driver sets itself for every layer.
-DRIVER_TRAINER_KEYS = ("callbacks", "logger", "default_root_dir", "enable_checkpointing")
+# Trainer arguments the driver sets itself for every layer, with the values that agree with it.
+DRIVER_TRAINER_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "callbacks": (None, []), "logger": (None, True), "default_root_dir": (None,), "enable_checkpointing": (None, True)}
+DRIVER_TRAINER_KEYS = tuple(DRIVER_TRAINER_DEFAULTS)
+DRIVER_TRAINER_REASONS = {
+    "callbacks": "each layer's Trainer gets the pipeline's own callbacks (PCA init, checkpoints, fold and export)",
+    "logger": "every layer logs to pipeline.run_dir/logs (CSV and TensorBoard)",
+    "default_root_dir": "every file goes under pipeline.run_dir",
+    "enable_checkpointing": "checkpoints are what lets a layer resume",
+}
 # Trainer arguments that change what a layer learns: part of a run directory's identity, so a rerun
 # with, say, another max_epochs is refused instead of skipping every layer trained the old way.
 RESULT_TRAINER_KEYS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "precision", "gradient_clip_val",
                        "gradient_clip_algorithm", "accumulate_grad_batches", "limit_train_batches",
                        "limit_val_batches", "deterministic")
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run while it trained ``layer``; finished layers are kept, a rerun resumes."""
+
+    def __init__(self, layer: int, position: int, total: int) -> None:
+        super().__init__(f"layer {layer} ({position} of {total})")
+        self.layer = layer
 
 
 @dataclass
@@ -96,6 +113,9 @@ class QuantizationRun:
                  trainer_kwargs: dict[str, Any], pipeline: PipelineConfig) -> None:
         self.recipe = recipe
         self.datamodule = datamodule
+        # Set by the user but owned by the driver: refused by name in check_settings, never dropped silently.
+        self.driver_trainer_settings = {k: trainer_kwargs[k] for k in DRIVER_TRAINER_KEYS
+                                        if trainer_kwargs.get(k) not in DRIVER_TRAINER_DEFAULTS[k]}
         self.trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if k not in DRIVER_TRAINER_KEYS}
         self.pipeline = pipeline
         self.run_dir = Path(pipeline.run_dir).expanduser()
@@ -116,12 +136,46 @@ class QuantizationRun:
     # ----------------------------------------------------------- validation
     def check_settings(self) -> None:
         """Checks that need no model: one-line errors naming the field."""
-        if self.pipeline.layer_parallel and self.datamodule.hparams.input_mode == "quantized":
+        pipeline, input_mode = self.pipeline, self.datamodule.hparams.input_mode
+        if pipeline.layer_parallel and input_mode == "quantized":
             raise ValueError("pipeline.layer_parallel=true needs data.input_mode='fp': "
                              "'quantized' input mode trains layers in sequence")
-        if self.pipeline.eval_seq_len < 2:
-            raise ValueError(f"pipeline.eval_seq_len={self.pipeline.eval_seq_len} must be >= 2")
+        if pipeline.layers is not None:
+            layers = sorted(set(pipeline.layers))
+            if not layers:
+                raise ValueError("pipeline.layers=[] quantizes nothing; leave it unset for every layer")
+            if input_mode == "quantized" and layers != list(range(layers[0], layers[-1] + 1)):
+                # Layer i trains on the quantized output of the layer before it, so a gap would feed it
+                # the output of a layer that is not its predecessor.
+                raise ValueError(f"pipeline.layers={pipeline.layers} has gaps, which data.input_mode='quantized' "
+                                 "cannot fill; list consecutive layers or use data.input_mode='fp'")
+        if pipeline.eval_seq_len < 2:
+            raise ValueError(f"pipeline.eval_seq_len={pipeline.eval_seq_len} must be >= 2")
+        for name in ("eval_windows", "statistics_samples"):
+            value = getattr(pipeline, name)
+            if value is not None and value < 1:
+                raise ValueError(f"pipeline.{name}={value} must be >= 1 (or null for all)")
+        if pipeline.eval_split not in WIKITEXT_SPLITS:
+            raise ValueError(f"pipeline.eval_split={pipeline.eval_split!r} is not one of {sorted(WIKITEXT_SPLITS)}")
+        self.check_trainer()
+        self.recipe.optim.validate()
         self.datamodule.check_sources()
+
+    def check_trainer(self) -> None:
+        """Trainer settings the pipeline cannot honor, or that would train nothing."""
+        for key, value in self.driver_trainer_settings.items():
+            raise ValueError(f"trainer.{key}={value!r} is not supported: {DRIVER_TRAINER_REASONS[key]}; remove it")
+        devices = self.trainer_kwargs.get("devices", "auto")
+        listed = listed_devices(self.trainer_kwargs)
+        count = len(listed) if listed is not None else (int(devices) if str(devices).isdigit() else None)
+        if count is not None and count > 1 and not self.pipeline.layer_parallel:
+            raise ValueError(f"trainer.devices={devices!r} names {count} devices, but each layer trains on one; "
+                             "set pipeline.layer_parallel=true to spread the layers over them, or name one device")
+        epochs, steps = self.trainer_kwargs.get("max_epochs"), self.trainer_kwargs.get("max_steps")
+        if steps is not None and (steps == 0 or steps < -1):
+            raise ValueError(f"trainer.max_steps={steps} must be >= 1 (or -1 for no limit)")
+        if epochs is not None and epochs < 1 and (steps is None or steps < 1):
+            raise ValueError(f"trainer.max_epochs={epochs} trains nothing; set it >= 1 (or set trainer.max_steps)")
 
     def check_model(self) -> None:
         """Checks against the loaded model's config, still before any heavy work."""
@@ -235,7 +289,14 @@ class QuantizationRun:
         log.info("layer %d (%d of %d): %s", layer_index, self.layers.index(layer_index) + 1, total,
                  f"resuming from {checkpoint}" if checkpoint else "training")
         started = time.perf_counter()
-        trainer.fit(module, datamodule=self.datamodule, ckpt_path=checkpoint)
+        try:
+            trainer.fit(module, datamodule=self.datamodule, ckpt_path=checkpoint)
+        except SystemExit:
+            if not trainer.interrupted:
+                raise
+            # Lightning turned Ctrl-C into a graceful stop and exit(1), and ignores Ctrl-C from then on.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise RunInterrupted(layer_index, self.layers.index(layer_index) + 1, total) from None
         if not self.layer_done(layer_index):  # a fit resumed after its last epoch skips on_train_end
             export_block(module, self.datamodule.val_dataloader(), self.artifact_dir, trainer.global_step)
         del trainer, module

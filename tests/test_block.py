@@ -74,7 +74,7 @@ def test_fold_equals_fake_quant_block(o_rotation, structure) -> None:
     block, hidden = _quantized_block(o_rotation=o_rotation, w_group_size=16, w_symmetric=False,
                                      rotation_structure=structure, rotation_init=STRUCTURE_INIT[structure])
     with torch.no_grad():
-        expected = block(hidden)
+        expected = block.round_rotations_()(hidden)  # what fold_ folds: the rotations in quant.rotation_dtype
         folded = copy.deepcopy(block).fold_()
         assert folded.is_folded
         assert torch.allclose(folded(hidden), expected, atol=1e-5)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
 
 from hh_lightning.data import (
     BoundaryPairDataset,
+    activation_cache_reader,
     build_activation_cache,
     cache_fingerprint,
     calibration_windows,
@@ -26,6 +29,7 @@ from hh_lightning.data import (
     wikitext_rows,
     write_boundary_file,
 )
+from hh_lightning.files import DirectoryLocked
 
 # The real file's own rows are checked only where the real file is; the rest runs on any clone.
 needs_wikitext = pytest.mark.skipif(WIKITEXT_DIR != SHARED_WIKITEXT_DIR,
@@ -193,6 +197,50 @@ def test_cache_reuse_rebuild_and_corruption(tmp_path, caplog):
         assert open_activation_cache(cache_dir, other) is not None  # sizes alone look fine
         assert open_activation_cache(cache_dir, other, verify=True) is None
     assert "boundary_002.bin" in caplog.text and "sha256" in caplog.text
+
+
+def _cache_state(cache_dir):
+    return {path.name: path.read_bytes() for path in sorted(cache_dir.iterdir())}
+
+
+def test_a_cache_being_read_is_never_replaced_under_its_reader(tmp_path):
+    """Issue 11, defect 1: run B (other data.seed) shared run A's cache_dir and rebuilt it while A read it."""
+    model, cache_dir = tiny_model(), tmp_path / "cache"
+    fingerprint, other = fingerprint_for(model), fingerprint_for(model, seed=1)
+    reader = activation_cache_reader(cache_dir)
+    first = ensure_activation_cache(model, windows_for(), cache_dir, fingerprint=fingerprint, progress=False,
+                                    reader=reader)
+    before = _cache_state(cache_dir)
+    for kwargs in ({"fingerprint": other}, {"fingerprint": fingerprint, "dtype": "float16"}):
+        with pytest.raises(DirectoryLocked, match=r"data\.cache_dir=.*differs in: (seed|cache_dtype)"):
+            ensure_activation_cache(model, windows_for(seed=1), cache_dir, progress=False, **kwargs)
+        assert _cache_state(cache_dir) == before  # the reader's files are untouched
+    # Runs of the same settings share the cache.
+    shared = ensure_activation_cache(model, windows_for(), cache_dir, fingerprint=fingerprint, progress=False,
+                                     reader=activation_cache_reader(cache_dir))
+    assert shared.build_id == first.build_id
+    reader.release()
+    rebuilt = ensure_activation_cache(model, windows_for(seed=1), cache_dir, fingerprint=other, progress=False)
+    assert rebuilt.build_id != first.build_id  # no reader left: rebuilt for the new settings
+
+
+def test_a_reader_in_another_process_blocks_a_rebuild(tmp_path):
+    model, cache_dir = tiny_model(), tmp_path / "cache"
+    ensure_activation_cache(model, windows_for(), cache_dir, fingerprint=fingerprint_for(model), progress=False)
+    lock_path = activation_cache_reader(cache_dir).path
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from hh_lightning.files import FileLock; "
+         f"lock = FileLock({str(lock_path)!r}); lock.acquire(shared=True); print('held', flush=True); "
+         "sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(DirectoryLocked, match="being read by another run"):
+            ensure_activation_cache(model, windows_for(seed=1), cache_dir, fingerprint=fingerprint_for(model, seed=1),
+                                    progress=False)
+    finally:
+        holder.communicate("", timeout=30)
+    ensure_activation_cache(model, windows_for(seed=1), cache_dir, fingerprint=fingerprint_for(model, seed=1),
+                            progress=False)  # the holder exited: its lock went with it
 
 
 def test_fingerprint_must_agree_with_windows(tmp_path):

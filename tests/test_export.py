@@ -154,6 +154,18 @@ def test_export_size_counts_the_whole_file_by_kind(saved) -> None:
     assert sizes["by_kind"]["rotations"] == sum(t.numel() * t.element_size() for t in rotations.values())
 
 
+def test_rotations_are_stored_in_the_rotation_dtype_without_loss(saved) -> None:
+    """fold_ rounded every learned rotation value to quant.rotation_dtype (float16 by default), so the
+    file holds them in 16 bits, and the reload test above shows nothing was lost."""
+    model, directory = saved
+    rotations = {key: value for key, value in _stored_tensors(directory).items() if "rotation." in key}
+    assert rotations
+    for key, value in rotations.items():
+        assert value.dtype in (torch.float16, torch.int8), (key, value.dtype)  # int8: fixed signs
+        if value.is_floating_point():
+            assert torch.equal(value.float(), model.state_dict()[key].float()), key
+
+
 def _stored_tensors(directory):
     from safetensors.torch import load_file
 
@@ -166,7 +178,8 @@ def test_quantization_config_records_format(saved) -> None:
     assert meta["hh_lightning_version"] == __version__
     assert meta["block_quant_config"] == model.model.layers[0].quant.to_dict()
     assert meta["extra"] == {"note": "test"}
-    assert meta["files"][WEIGHTS_NAME]["bytes"] == (directory / WEIGHTS_NAME).stat().st_size
+    for name in (WEIGHTS_NAME, "config.json"):
+        assert meta["files"][name]["bytes"] == (directory / name).stat().st_size
     layer = meta["layers"][0]
     assert layer["linears"]["down_proj"] == {"shape": [128, 256], "bits": 4, "quantized": True,
                                              "group_size": None, "scale_dtype": "float32",
@@ -196,6 +209,28 @@ def test_damaged_weights_are_refused_naming_the_file(saved, tmp_path, damage) ->
         data[len(data) // 2] ^= 0x10
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=str(weights).replace(".", r"\.")):
+        load_quantized(copy_dir)
+
+
+def _edit_json(path, edit) -> None:
+    values = json.loads(path.read_text())
+    edit(values)
+    path.write_text(json.dumps(values, indent=2))
+
+
+@pytest.mark.parametrize("name,edit", [
+    # A valid edit that silently changed the logits before the record covered it (issue 11, defect 5).
+    (QUANT_CONFIG_NAME, lambda meta: meta["block_quant_config"].update(a_bits=8)),
+    (QUANT_CONFIG_NAME, lambda meta: meta["layers"][0]["linears"]["q_proj"].update(quantized=False)),
+    ("config.json", lambda config: config.update(rms_norm_eps=1e-3)),
+], ids=["a_bits", "linear_entry", "config_json"])
+def test_edited_metadata_is_refused_naming_the_file(saved, tmp_path, name, edit) -> None:
+    _, directory = saved
+    copy_dir = tmp_path / "copy"
+    shutil.copytree(directory, copy_dir)
+    load_quantized(copy_dir)  # the untouched copy loads
+    _edit_json(copy_dir / name, edit)
+    with pytest.raises(ValueError, match=str(copy_dir / name).replace(".", r"\.")):
         load_quantized(copy_dir)
 
 

@@ -107,19 +107,25 @@ def test_fit_writes_layers_summary_export_and_rerun_skips(workspace, baseline) -
     assert again["quantized"]["ppl"] == pytest.approx(summary["quantized"]["ppl"], rel=1e-6)
 
 
-def test_resume_after_sigkill_mid_layer_equals_uninterrupted(workspace, baseline) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGINT], ids=["sigkill", "ctrl-c"])
+def test_resume_after_a_stop_mid_layer_equals_uninterrupted(workspace, baseline, stop) -> None:
     tmp, model_dir = workspace
-    config = make_config(tmp, model_dir, "killed")
-    path = write_config(tmp, config, "killed")
+    name = f"stopped_{stop.name.lower()}"
+    config = make_config(tmp, model_dir, name)
+    path = write_config(tmp, config, name)
     run_dir = Path(config["pipeline"]["run_dir"])
     process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "fit", "--config", str(path)],
-                               cwd=REPO, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               cwd=REPO, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     checkpoint = run_dir / "checkpoints" / "layer_001" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    process.send_signal(stop)
+    _, stderr = process.communicate(timeout=300)
+    if stop == signal.SIGINT:  # Ctrl-C: one line saying where it stopped and that a rerun resumes
+        assert process.returncode == 130, stderr[-3000:]
+        last = stderr.strip().splitlines()[-1]
+        assert last.startswith("interrupted during layer 1 (2 of 2); rerun the same command to resume"), last
     assert checkpoint.exists(), "the run ended before layer 1 saved a checkpoint"
     assert not (run_dir / "layers" / "layer_001.json").exists(), "killed too late: layer 1 already finished"
     main(["fit", "--config", str(path)])
@@ -174,26 +180,48 @@ def test_keep_checkpoints_keeps_them(workspace, baseline) -> None:
     assert (Path(config["pipeline"]["run_dir"]) / "checkpoints" / "layer_000" / "last.ckpt").is_file()
 
 
-@pytest.mark.parametrize("section,key,value,message", [
-    ("model", "quant", {**QUANT, "w_bits": 9}, "weight bits=9"),
-    ("model", "quant", {**QUANT, "w_group_size": 24}, "quant.w_group_size=24 does not divide"),
-    ("model", "quant", {**QUANT, "down_reflections": 500}, "quant.down_reflections=500"),
-    ("pipeline", "layers", [0, 7], "pipeline.layers contains 7"),
-    ("data", "seq_len", 100000, "data.seq_len=100000 exceeds the model's context"),
-    ("data", "model", "/nonexistent/model", "model path not found: /nonexistent/model"),
-    ("pipeline", "layer_parallel", True, "needs data.input_mode='fp'"),
-])
-def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace, capsys, section, key, value, message) -> None:
+BAD_INPUT = [
+    ({"model.quant": {**QUANT, "w_bits": 9}}, "weight bits=9"),
+    ({"model.quant": {**QUANT, "w_group_size": 24}}, "quant.w_group_size=24 does not divide"),
+    ({"model.quant": {**QUANT, "down_reflections": 500}}, "quant.down_reflections=500"),
+    ({"model.quant": {**QUANT, "a_clip_ratio_init": 1.5}}, "quant.a_clip_ratio_init=1.5 must be in (0, 1]"),
+    ({"model.optim": {"lr_transforms": -0.01}}, "model.optim.lr_transforms=-0.01 must be"),
+    ({"model.optim": {"min_lr_ratio": 0.0}}, "model.optim.min_lr_ratio=0.0 must be in (0, 1]"),
+    ({"pipeline.layers": [0, 7]}, "pipeline.layers contains 7"),
+    ({"pipeline.layers": [0, 2], "data.input_mode": "quantized"}, "pipeline.layers=[0, 2] has gaps"),
+    ({"pipeline.layer_parallel": True, "data.input_mode": "quantized"}, "needs data.input_mode='fp'"),
+    ({"pipeline.eval_windows": 0}, "pipeline.eval_windows=0 must be >= 1"),
+    ({"pipeline.statistics_samples": -3}, "pipeline.statistics_samples=-3 must be >= 1"),
+    ({"pipeline.eval_split": "tset"}, "pipeline.eval_split='tset' is not one of"),
+    ({"trainer.max_epochs": 0}, "trainer.max_epochs=0 trains nothing"),
+    ({"trainer.max_epochs": -1}, "trainer.max_epochs=-1 trains nothing"),
+    ({"trainer.max_steps": 0}, "trainer.max_steps=0 must be >= 1"),
+    ({"trainer.devices": 2}, "names 2 devices, but each layer trains on one"),
+    ({"trainer.callbacks": [{"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"}]},
+     "trainer.callbacks="),
+    ({"trainer.logger": False}, "trainer.logger=False is not supported"),
+    ({"trainer.default_root_dir": "elsewhere"}, "trainer.default_root_dir='elsewhere' is not supported"),
+    ({"trainer.enable_checkpointing": False}, "trainer.enable_checkpointing=False is not supported"),
+    ({"data.seq_len": 100000}, "data.seq_len=100000 exceeds the model's context"),
+    ({"data.n_samples": 0}, "data.n_samples=0 must be >= 1"),
+    ({"data.batch_size": -2}, "data.batch_size=-2 must be >= 1"),
+    ({"data.model": "/nonexistent/model"}, "model path not found: /nonexistent/model"),
+]
+
+
+@pytest.mark.parametrize("changes,message", BAD_INPUT, ids=lambda value: ",".join(value) if isinstance(value, dict)
+                         else None)
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace, capsys, changes, message) -> None:
     tmp, model_dir = workspace
     config = make_config(tmp, model_dir, "bad")
-    config[section][key] = value
-    if key == "layer_parallel":
-        config["data"]["input_mode"] = "quantized"
+    for dotted, value in changes.items():
+        section, key = dotted.split(".", 1)
+        config[section][key] = value
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(write_config(tmp, config, "bad"))])
     assert exit_info.value.code == 2
     error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(error_lines) == 1 and message in error_lines[0]
+    assert len(error_lines) == 1 and message in error_lines[0], error_lines
     assert not (tmp / "bad").exists()
 
 

@@ -69,6 +69,40 @@ def test_online_apply_equals_dense_matrix_forward_and_gradients(structure: str, 
         assert torch.allclose(rotation.rotate_transposed(rotation.rotate(x)), x, atol=1e-5)
 
 
+@pytest.mark.parametrize("structure,init", CASES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_rounding_to_a_storage_dtype_keeps_the_rotation_orthogonal_and_close(structure, init, dtype) -> None:
+    dim = 96
+    rotation = _build(structure, init, dim, seed=2)
+    before = rotation.matrix().detach().clone()
+    rotation.round_to_(dtype)
+    values = {name: p.detach().clone() for name, p in rotation.named_parameters()}
+    for name, value in values.items():
+        assert value.dtype == torch.float32, name  # rounded in place, the parameter keeps its dtype
+        assert torch.equal(value.to(dtype).float(), value), name
+    after = rotation.matrix().detach()
+    eye = torch.eye(dim)
+    assert (after @ after.T - eye).abs().max() < 1e-5
+    # A relative rounding of u = 2^-11 (fp16) or 2^-8 (bf16) per entry moves R by a few u.
+    unit = torch.finfo(dtype).eps / 2
+    assert (after - before).abs().max() < 40 * unit
+    rotation.round_to_(dtype)  # idempotent: fold_ may be reached after an explicit round_rotations_
+    for name, parameter in rotation.named_parameters():
+        assert torch.equal(parameter.detach(), values[name]), name
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1e12])
+def test_rounding_rescales_far_off_vectors_exactly_instead_of_flushing_them(scale: float) -> None:
+    """fp16 holds 6e-8 to 65504: a trained vector far outside is scaled by a power of two, H(v) unchanged."""
+    rotation = make_rotation("householder", 64, 8, "random", 0)
+    with torch.no_grad():
+        rotation.vectors.mul_(scale)
+    before = rotation.matrix().detach().clone()
+    rotation.round_to_(torch.float16)
+    assert torch.isfinite(rotation.vectors).all() and (rotation.vectors.norm(dim=1) > 1).all()
+    assert (rotation.matrix() - before).abs().max() < 40 * 2.0**-11
+
+
 def test_balanced_factors() -> None:
     expected = {576: (24, 24), 896: (28, 32), 1536: (32, 48), 4864: (64, 76), 8960: (80, 112),
                 18944: (128, 148), 3584: (56, 64), 64: (8, 8), 97: (1, 97)}
