@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_pipeline import CHILD_ENV, REPO, assert_same_model, make_config, write_config
-from tiny_models import WIKITEXT_DIR, save_tiny_checkpoint
+from tiny_models import save_tiny_checkpoint
 
 from hh_lightning import callbacks, data
 from hh_lightning.cli import main
