@@ -65,6 +65,14 @@ def _wikitext_split(split: str) -> tuple[str, str]:
         raise ValueError(f"unknown WikiText split {split!r}; expected one of {sorted(WIKITEXT_SPLITS)}") from None
 
 
+def wikitext_file(split: str, data_dir: str | Path | None = None) -> Path | None:
+    """The local ``wiki.<split>.raw`` a split is read from (``data_dir``, else ``$HH_DATA_DIR``), or
+    ``None`` when it comes from the hub."""
+    _, stem = _wikitext_split(split)
+    data_dir = data_dir if data_dir is not None else os.environ.get("HH_DATA_DIR") or None
+    return None if data_dir is None else Path(data_dir).expanduser() / f"wiki.{stem}.raw"
+
+
 def wikitext_rows(split: str, data_dir: str | Path | None = None) -> list[str]:
     """The split's rows exactly as the Hugging Face `wikitext-2-raw-v1` loader gives them.
 
@@ -72,11 +80,9 @@ def wikitext_rows(split: str, data_dir: str | Path | None = None) -> list[str]:
     `wiki.<split>.raw` has one row per line: each keeps its trailing newline,
     and whitespace-only lines become `""` (what the HF loader does).
     """
-    hf_split, stem = _wikitext_split(split)
-    if data_dir is None:
-        data_dir = os.environ.get("HH_DATA_DIR") or None
-    if data_dir is not None:
-        path = Path(data_dir).expanduser() / f"wiki.{stem}.raw"
+    hf_split, _ = _wikitext_split(split)
+    path = wikitext_file(split, data_dir)
+    if path is not None:
         if not path.is_file():
             raise FileNotFoundError(f"WikiText split file not found: {path}")
         # newline="\n": split only at LF, as the original files do; no

@@ -8,6 +8,7 @@ import logging
 import warnings
 from functools import cached_property
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -24,8 +25,10 @@ from .data import (
     load_text_file,
     load_wikitext_text,
     tokenize_text,
+    wikitext_file,
 )
-from .models import default_cache_dir, embedded_model_dir, load_model
+from .files import check_text_file, check_writable_directory
+from .models import check_model_path, default_cache_dir, embedded_model_dir, load_model, looks_local
 
 log = logging.getLogger(__name__)
 
@@ -122,18 +125,34 @@ class BlockActivationDataModule(L.LightningDataModule):
         self.val_dataset: BoundaryPairDataset | None = None
 
     # ------------------------------------------------------------ sources
-    def check_sources(self) -> None:
-        """Cheap checks of every local path the run will read, before heavy work."""
+    def check_sources(self, eval_splits: Sequence[str] = ()) -> None:
+        """Cheap checks of every local path the run will read, before heavy work; one-line errors.
+
+        ``eval_splits``: the WikiText splits scored after training (read then, checked now).
+        """
         hp = self.hparams
-        model_path = Path(hp.model).expanduser()
-        if hp.model != EMBEDDED_MODEL and (model_path.exists() or hp.model.startswith(("/", ".", "~"))
-                                           or hp.model.endswith(".gguf")):
-            if not model_path.exists():
-                raise FileNotFoundError(f"data.model: model path not found: {model_path}")
-        if hp.calibration != "wikitext2" and not Path(hp.calibration).expanduser().is_file():
-            raise FileNotFoundError(f"data.calibration: text file not found: {hp.calibration}")
+        if hp.model != EMBEDDED_MODEL and looks_local(hp.model):
+            try:
+                check_model_path(hp.model, hp.gguf_file)
+            except (FileNotFoundError, ValueError) as error:
+                raise type(error)(f"data.model: {error}") from None
         if hp.data_dir is not None and not Path(hp.data_dir).expanduser().is_dir():
             raise FileNotFoundError(f"data.data_dir: directory not found: {hp.data_dir}")
+        if hp.calibration != "wikitext2":
+            check_text_file(hp.calibration, "data.calibration")
+        wikitext_splits = [*([hp.calibration_split] if hp.calibration == "wikitext2" else []), *eval_splits]
+        for split in wikitext_splits:
+            path = wikitext_file(split, hp.data_dir)
+            if path is not None:  # else the hub (or, where allowed, the generated fallback)
+                check_text_file(path, "data.data_dir" if hp.data_dir is not None else "$HH_DATA_DIR")
+        check_writable_directory(self.cache_dir_for_checks, "data.cache_dir")
+
+    @property
+    def cache_dir_for_checks(self) -> Path:
+        """``data.cache_dir``, or the default cache root (the per-recipe name needs the model)."""
+        if self.hparams.cache_dir is not None:
+            return Path(self.hparams.cache_dir).expanduser()
+        return default_cache_dir() / "activations"
 
     @cached_property
     def fp_model_and_tokenizer(self) -> tuple[Any, Any]:

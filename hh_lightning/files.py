@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,46 @@ def content_sha256(values: dict[str, Any], exclude: str) -> str:
     so a file can vouch for its own content."""
     canonical = json.dumps({k: v for k, v in values.items() if k != exclude}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_writable_directory(path: str | os.PathLike, field: str) -> None:
+    """Raise a one-line ``ValueError`` naming ``field`` unless ``path`` is (or can be made) a writable directory.
+
+    Probes the nearest existing ancestor with a temporary file, removed at
+    once, so nothing is left behind; ``os.access`` alone says yes to root on
+    a read-only mount.
+    """
+    path = Path(path).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{field}={path} cannot be created: {existing} is a file, not a directory")
+    try:
+        probe = tempfile.NamedTemporaryFile(dir=existing, prefix=".hh-write-probe-")
+        probe.close()
+    except OSError as error:
+        raise ValueError(f"{field}={path} is not writable ({existing}: {error.strerror or error})") from None
+
+
+def check_text_file(path: str | os.PathLike, field: str) -> None:
+    """Raise a one-line error naming ``field`` unless ``path`` is a non-empty UTF-8 text file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{field}: text file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            while chunk := handle.read(HASH_CHUNK_BYTES):
+                if chunk.strip():
+                    break
+            else:
+                raise ValueError(f"{field}: {path} is empty")
+            while handle.read(HASH_CHUNK_BYTES):  # the rest must decode too
+                pass
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{field}: {path} is not UTF-8 text (byte {error.start}: {error.reason})") from None
+    except PermissionError as error:
+        raise ValueError(f"{field}: {path} is not readable ({error.strerror})") from None
 
 
 def fsync_path(path: str | os.PathLike) -> None:

@@ -50,13 +50,53 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "hh_lightning"
 
 
-def _looks_local(source: str) -> bool:
-    """A source that names a filesystem path rather than a hub id."""
-    return (
-        os.path.exists(source)
-        or source.startswith(("/", ".", "~"))
-        or source.endswith(".gguf")
-    )
+def looks_local(source: str) -> bool:
+    """A source that names a filesystem path rather than a hub id.
+
+    A hub id is ``name`` or ``owner/name``; a source with more parts, or
+    whose first part is a local directory (``models/qwen``), is a path, so a
+    missing one is reported at once instead of after the hub's retries.
+    """
+    if os.path.exists(source) or source.startswith(("/", ".", "~")) or source.endswith(".gguf"):
+        return True
+    parts = source.split("/")
+    return len(parts) > 2 or (len(parts) == 2 and Path(parts[0]).expanduser().is_dir())
+
+
+def check_model_path(source: str, gguf_file: str | None = None) -> tuple[Path, str | None]:
+    """Check a local model source before loading it; returns ``(directory, gguf_file)``.
+
+    ``source`` is a ``.gguf`` file or a directory holding a Hugging Face
+    checkpoint (``config.json``) or ``gguf_file``. Raises one-line
+    ``FileNotFoundError``/``ValueError`` naming the file at fault.
+    """
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model path not found: {path}")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"model source {path} is a file but not a .gguf file")
+        if gguf_file is not None and gguf_file != path.name:
+            raise ValueError(f"gguf_file={gguf_file!r} conflicts with source file {path.name!r}")
+        return path.parent, path.name
+    if gguf_file is not None:
+        if not (path / gguf_file).is_file():
+            raise FileNotFoundError(f"gguf_file not found: {path / gguf_file}")
+        return path, gguf_file
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{path} has no config.json, so it is not a Hugging Face model directory "
+                         "(for a GGUF checkpoint, give the .gguf file or set gguf_file)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds a {type(config).__name__}, not a model config")
+    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{config_path}: unsupported model_type {config.get('model_type')!r}; "
+                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    return path, None
 
 
 def load_model(
@@ -75,19 +115,8 @@ def load_model(
     inside a directory or hub repo given as `source`.
     """
     source = str(source)
-    if _looks_local(source):
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"model source not found: {path}")
-        if path.is_file():
-            if path.suffix != ".gguf":
-                raise ValueError(f"model source {path} is a file but not a .gguf file")
-            if gguf_file is not None and gguf_file != path.name:
-                raise ValueError(f"gguf_file={gguf_file!r} conflicts with source file {path.name!r}")
-            gguf_file = path.name
-            path = path.parent
-        elif gguf_file is not None and not (path / gguf_file).is_file():
-            raise FileNotFoundError(f"gguf_file not found: {path / gguf_file}")
+    if looks_local(source):
+        path, gguf_file = check_model_path(source, gguf_file)
         source = str(path)
 
     extra: dict = {}

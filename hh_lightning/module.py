@@ -78,16 +78,16 @@ class HHBlockModule(L.LightningModule):
         layer_index: which decoder layer this module trains.
     """
 
-    def __init__(self, quant: BlockQuantConfig | None = None, optim: OptimConfig | None = None,
+    # Plain (not Optional) dataclass types: the CLI then names an unknown key under model.quant in
+    # one line instead of reporting a failed Union. The defaults are copied, never shared.
+    def __init__(self, quant: BlockQuantConfig = BlockQuantConfig(), optim: OptimConfig = OptimConfig(),
                  layer_index: int = 0) -> None:
         super().__init__()
         # Dicts from a checkpoint's hyperparameters are accepted too (load_from_checkpoint).
-        if isinstance(quant, dict):
-            quant = BlockQuantConfig.from_dict(quant)
-        if isinstance(optim, dict):
-            optim = OptimConfig(**optim)
-        self.quant = quant if quant is not None else BlockQuantConfig()
-        self.optim = optim if optim is not None else OptimConfig()
+        quant = BlockQuantConfig() if quant is None else quant
+        optim = OptimConfig() if optim is None else optim
+        self.quant = BlockQuantConfig.from_dict(quant if isinstance(quant, dict) else quant.to_dict())
+        self.optim = OptimConfig(**(optim if isinstance(optim, dict) else asdict(optim)))
         # Plain values only, so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters({"quant": self.quant.to_dict(), "optim": asdict(self.optim),
                                    "layer_index": layer_index})

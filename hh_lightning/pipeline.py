@@ -40,7 +40,7 @@ from .callbacks import (
 from .data import WIKITEXT_SPLITS, tokenize_text, windows_sha256, write_boundary_file
 from .datamodule import BlockActivationDataModule
 from .evaluation import perplexity
-from .files import directory_lock, remove_leftovers, write_text_atomic
+from .files import check_writable_directory, directory_lock, remove_leftovers, write_text_atomic
 from .models import config_hash
 from .module import HHBlockModule
 from .parallel import WorkerInfo, listed_devices, run_in_processes
@@ -159,7 +159,10 @@ class QuantizationRun:
             raise ValueError(f"pipeline.eval_split={pipeline.eval_split!r} is not one of {sorted(WIKITEXT_SPLITS)}")
         self.check_trainer()
         self.recipe.optim.validate()
-        self.datamodule.check_sources()
+        self.datamodule.check_sources(eval_splits=[pipeline.eval_split])
+        check_writable_directory(self.run_dir, "pipeline.run_dir")
+        if pipeline.export_dir is not None:
+            check_writable_directory(pipeline.export_dir, "pipeline.export_dir")
 
     def check_trainer(self) -> None:
         """Trainer settings the pipeline cannot honor, or that would train nothing."""

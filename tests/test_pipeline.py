@@ -204,6 +204,7 @@ BAD_INPUT = [
     ({"trainer.enable_checkpointing": False}, "trainer.enable_checkpointing=False is not supported"),
     ({"data.seq_len": 100000}, "data.seq_len=100000 exceeds the model's context"),
     ({"data.n_samples": 0}, "data.n_samples=0 must be >= 1"),
+    ({"model.quant": {**QUANT, "w_bitz": 4}}, "w_bitz"),
     ({"data.batch_size": -2}, "data.batch_size=-2 must be >= 1"),
     ({"data.model": "/nonexistent/model"}, "model path not found: /nonexistent/model"),
 ]
@@ -223,6 +224,69 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace, capsys, chan
     error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0], error_lines
     assert not (tmp / "bad").exists()
+
+
+def _file(tmp: Path, name: str, content: bytes) -> Path:
+    path = tmp / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def _wikitext_dir_with(tmp: Path, name: str, split_file: str, content: bytes) -> Path:
+    directory = tmp / name
+    shutil.copytree(WIKITEXT_DIR, directory, dirs_exist_ok=True)
+    (directory / split_file).chmod(0o644)
+    (directory / split_file).write_bytes(content)
+    return directory
+
+
+NOT_UTF8 = b"caf\xe9 \xff\xfe lobster\n"
+# Every path field the run reads or writes, given a missing, empty, unreadable and garbage target:
+# (field, kind) -> (a target built under tmp, the message its one-line error must hold).
+BAD_PATHS = {
+    ("data.model", "missing"): (lambda tmp: str(tmp / "no_model"), "data.model: model path not found"),
+    ("data.model", "missing-relative"): (lambda tmp: "no/such/model", "data.model: model path not found"),
+    ("data.model", "empty"): (lambda tmp: str((tmp / "empty_model").mkdir(exist_ok=True) or tmp / "empty_model"),
+                              "has no config.json"),
+    ("data.model", "unreadable"): (lambda tmp: str(_file(tmp, "model.txt", b"weights")), "is a file but not a .gguf"),
+    ("data.model", "garbage"): (lambda tmp: str(_file(tmp, "garbage_model/config.json", b"{not json").parent),
+                                "config.json is not valid JSON"),
+    ("data.model", "wrong-kind"): (lambda tmp: str(_file(tmp, "bert/config.json", b'{"model_type": "bert"}').parent),
+                                   "unsupported model_type 'bert'"),
+    ("data.calibration", "missing"): (lambda tmp: str(tmp / "no.txt"), "data.calibration: text file not found"),
+    ("data.calibration", "empty"): (lambda tmp: str(_file(tmp, "empty.txt", b" \n\n")), "empty.txt is empty"),
+    ("data.calibration", "unreadable"): (lambda tmp: str(tmp), "data.calibration: text file not found"),
+    ("data.calibration", "garbage"): (lambda tmp: str(_file(tmp, "latin1.txt", NOT_UTF8)), "is not UTF-8 text"),
+    ("data.data_dir", "missing"): (lambda tmp: str(tmp / "no_dir"), "data.data_dir: directory not found"),
+    ("data.data_dir", "empty"): (lambda tmp: str((tmp / "empty_dir").mkdir(exist_ok=True) or tmp / "empty_dir"),
+                                 "wiki.valid.raw"),
+    ("data.data_dir", "unreadable"): (lambda tmp: str(_file(tmp, "a_file", b"x")), "data.data_dir: directory not found"),
+    ("data.data_dir", "garbage"): (lambda tmp: str(_wikitext_dir_with(tmp, "latin1_wiki", "wiki.valid.raw", NOT_UTF8)),
+                                   "wiki.valid.raw is not UTF-8 text"),
+    ("data.data_dir", "empty-test-split"): (lambda tmp: str(_wikitext_dir_with(tmp, "no_test", "wiki.test.raw", b"")),
+                                            "wiki.test.raw is empty"),
+    ("data.cache_dir", "unreadable"): (lambda tmp: str(_file(tmp, "cache_file", b"x") / "cache"), "cannot be created"),
+    ("pipeline.run_dir", "unreadable"): (lambda tmp: str(_file(tmp, "run_file", b"x") / "run"), "cannot be created"),
+    ("pipeline.export_dir", "unreadable"): (lambda tmp: str(_file(tmp, "export_file", b"x") / "q"),
+                                            "cannot be created"),
+}
+
+
+@pytest.mark.parametrize("field,kind", list(BAD_PATHS), ids=lambda value: value)
+def test_bad_path_is_one_line_exit_2_and_writes_nothing(workspace, capsys, tmp_path, field, kind) -> None:
+    tmp, model_dir = workspace
+    target, message = BAD_PATHS[field, kind]
+    config = make_config(tmp, model_dir, "bad_path")
+    config["data"]["cache_dir"] = str(tmp_path / "cache")
+    section, key = field.split(".")
+    config[section][key] = target(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(write_config(tmp_path, config, "bad_path"))])
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0], error_lines
+    assert not (tmp / "bad_path").exists() and not (tmp_path / "cache").exists()
 
 
 def test_rerun_with_other_trainer_settings_is_refused_and_the_record_kept(workspace, baseline, capsys) -> None:
