@@ -148,12 +148,16 @@ def _check_ids(token_ids: torch.Tensor, seq_len: int) -> None:
 
 
 def calibration_windows(
-    token_ids: torch.Tensor, n_samples: int, seq_len: int, seed: int
+    token_ids: torch.Tensor, n_samples: int, seq_len: int, seed: int, held_out: int = 0
 ) -> torch.LongTensor:
-    """`n_samples` random windows of `seq_len` tokens, shape `(n_samples, seq_len)`.
+    """`n_samples` random windows of `seq_len` tokens, then `held_out` that overlap none of them.
 
-    Start offsets are drawn uniformly (with replacement, as GPTQ does) from a
-    `torch.Generator` seeded with `seed`, so the same inputs give the same windows.
+    Returns shape `(n_samples + held_out, seq_len)`. Training start offsets are
+    drawn uniformly (with replacement, as GPTQ does) from a `torch.Generator`
+    seeded with `seed`, so the same inputs give the same windows. The held-out
+    (validation) windows are drawn next, from the starts whose window shares
+    no token with any training window, so validation measures unseen text;
+    when no such start exists, a `ValueError` says which settings to change.
     """
     _check_ids(token_ids, seq_len)
     if n_samples < 1:
@@ -161,6 +165,17 @@ def calibration_windows(
     generator = torch.Generator().manual_seed(seed)
     n_starts = token_ids.numel() - seq_len + 1
     starts = torch.randint(0, n_starts, (n_samples,), generator=generator)
+    if held_out:
+        # Start s overlaps training start t iff |s - t| < seq_len: mark those ranges with a difference array.
+        marks = torch.zeros(n_starts + 1, dtype=torch.long)
+        marks.index_add_(0, (starts - seq_len + 1).clamp_min(0), torch.ones_like(starts))
+        marks.index_add_(0, (starts + seq_len).clamp_max(n_starts), -torch.ones_like(starts))
+        free = (marks.cumsum(0)[:n_starts] == 0).nonzero().squeeze(1)
+        if free.numel() == 0:
+            raise ValueError(f"the calibration text ({token_ids.numel()} tokens) leaves no window of seq_len="
+                             f"{seq_len} tokens outside the n_samples={n_samples} training windows, so validation "
+                             "would score training text; use a longer text, or fewer or shorter windows")
+        starts = torch.cat([starts, free[torch.randint(0, free.numel(), (held_out,), generator=generator)]])
     offsets = torch.arange(seq_len)
     return token_ids[starts[:, None] + offsets[None, :]].long()
 

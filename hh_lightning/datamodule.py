@@ -203,7 +203,10 @@ class BlockActivationDataModule(L.LightningDataModule):
         """Calibration then validation windows, ``(n_samples + val_samples, seq_len)``."""
         hp = self.hparams
         ids = tokenize_text(self.tokenizer, self.text(hp.calibration_split))
-        return calibration_windows(ids, hp.n_samples + hp.val_samples, hp.seq_len, hp.seed)
+        try:
+            return calibration_windows(ids, hp.n_samples, hp.seq_len, hp.seed, held_out=hp.val_samples)
+        except ValueError as error:
+            raise ValueError(f"data.n_samples, data.val_samples, data.seq_len: {error}") from None
 
     def fingerprint(self) -> dict[str, Any]:
         hp = self.hparams

@@ -194,6 +194,7 @@ class QuantizationRun:
             if context is not None and length > context:
                 raise ValueError(f"{field_name}={length} exceeds the model's context "
                                  f"(max_position_embeddings={context})")
+        _ = self.datamodule.windows  # drawn now, so a text too short for them fails before any work
 
     def identity(self) -> dict[str, Any]:
         """What makes a run directory this run's: model, recipe, calibration data and the trainer

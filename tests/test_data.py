@@ -126,6 +126,26 @@ def test_windows_shapes_and_seeds():
         evaluation_windows(ids, 200)
 
 
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("n_tokens,n_samples,seq_len,held_out", [(400, 3, 16, 2), (2000, 20, 50, 8), (300, 1, 100, 5)])
+def test_held_out_windows_share_no_token_with_training_windows(seed, n_tokens, n_samples, seq_len, held_out):
+    ids = torch.arange(n_tokens)  # each token id is its position
+    windows = calibration_windows(ids, n_samples, seq_len, seed, held_out=held_out)
+    assert windows.shape == (n_samples + held_out, seq_len)
+    # The training windows are exactly those drawn without held-out ones (cached runs stay valid).
+    assert torch.equal(windows[:n_samples], calibration_windows(ids, n_samples, seq_len, seed))
+    training = set(windows[:n_samples].flatten().tolist())
+    for window in windows[n_samples:]:
+        assert not training & set(window.tolist())
+        assert torch.equal(window, torch.arange(window[0], window[0] + seq_len))  # contiguous text
+
+
+def test_a_text_too_short_for_disjoint_validation_windows_is_an_error():
+    """Issue 11, defect 4: 10 windows of 128 tokens from a 393-token text overlapped silently."""
+    with pytest.raises(ValueError, match="no window of seq_len=128 tokens outside the n_samples=1 training"):
+        calibration_windows(torch.arange(138), 1, 128, seed=0, held_out=2)
+
+
 def test_tokenize_text_has_no_special_tokens():
     tokenizer = tiny_tokenizer()
     ids = tokenize_text(tokenizer, "the European lobster")
