@@ -193,10 +193,16 @@ class BlockQuantConfig:
             for label, size in in_features.items():
                 if self.w_group_size < 1 or size % self.w_group_size:
                     raise ValueError(f"quant.w_group_size={self.w_group_size} does not divide {label}={size}")
-        # Building throwaway quantizers reuses their own range checks and messages.
-        WeightQuantizer(1, self.w_group_size or 1, bits=self.w_bits, group_size=self.w_group_size)
-        ActivationQuantizer(bits=self.a_bits)
-        ActivationQuantizer(bits=self.kv_bits)
+        # Building throwaway quantizers reuses their own range checks, prefixed with the field.
+        for field_name, build in (
+                ("w_bits", lambda: WeightQuantizer(1, self.w_group_size or 1, bits=self.w_bits,
+                                                   group_size=self.w_group_size)),
+                ("a_bits", lambda: ActivationQuantizer(bits=self.a_bits)),
+                ("kv_bits", lambda: ActivationQuantizer(bits=self.kv_bits))):
+            try:
+                build()
+            except ValueError as error:
+                raise ValueError(f"quant.{field_name}={getattr(self, field_name)}: {error}") from None
 
 
 def head_dim_of(config: PretrainedConfig) -> int:

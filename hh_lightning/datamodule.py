@@ -24,11 +24,12 @@ from .data import (
     ensure_activation_cache,
     load_text_file,
     load_wikitext_text,
+    WIKITEXT_SPLITS,
     tokenize_text,
     wikitext_file,
 )
 from .files import check_text_file, check_writable_directory
-from .models import check_model_path, default_cache_dir, embedded_model_dir, load_model, looks_local
+from .models import attention_implementations, check_model_path, default_cache_dir, embedded_model_dir, load_model, looks_local
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,20 @@ class BlockActivationDataModule(L.LightningDataModule):
             raise ValueError(f"data.model_dtype={model_dtype!r} is not one of ('float32', 'bfloat16', 'float16')")
         if cache_dtype not in ("bfloat16", "float16"):
             raise ValueError(f"data.cache_dtype={cache_dtype!r} is not one of ('bfloat16', 'float16')")
+        for name, value in (("num_workers", num_workers), ("seed", seed)):
+            if value < 0:
+                raise ValueError(f"data.{name}={value} must be >= 0")
+        if calibration_split not in WIKITEXT_SPLITS:
+            raise ValueError(f"data.calibration_split={calibration_split!r} is not one of {sorted(WIKITEXT_SPLITS)}")
+        attention = attention_implementations()
+        if attn_implementation is not None and attn_implementation not in attention:
+            raise ValueError(f"data.attn_implementation={attn_implementation!r} is not one of {attention}")
+        try:
+            parsed = torch.device(device) if device != "auto" else None
+        except RuntimeError:
+            parsed = None
+        if device != "auto" and (parsed is None or parsed.type not in ("cpu", "cuda")):
+            raise ValueError(f"data.device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         self.layer_index = 0
         self.input_path: Path | None = None
         self.manifest: CacheManifest | None = None

@@ -140,6 +140,13 @@ def load_model(
     return model, tokenizer
 
 
+def attention_implementations() -> tuple[str, ...]:
+    """The attention backends transformers knows (``eager`` plus its registered ones, e.g. ``sdpa``)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ("eager", *sorted(ALL_ATTENTION_FUNCTIONS.keys()))
+
+
 def check_supported(config: PretrainedConfig) -> None:
     """Raise `ValueError` unless `config.model_type` is one this toolkit wraps."""
     model_type = getattr(config, "model_type", None)

@@ -34,7 +34,7 @@ def make_config(tmp: Path, model_dir: Path, run_name: str, **pipeline) -> dict:
         "seed_everything": 0,
         "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 3, "enable_progress_bar": False,
                     "log_every_n_steps": 1},
-        "model": {"quant": QUANT, "optim": {"lr_transforms": 0.01, "lr_clips": 0.05}},
+        "model": {"quant": dict(QUANT), "optim": {"lr_transforms": 0.01, "lr_clips": 0.05}},
         "data": {"model": str(model_dir), "data_dir": str(WIKITEXT_DIR), "n_samples": 4, "val_samples": 2,
                  "seq_len": 32, "batch_size": 2, "cache_dir": str(tmp / "cache")},
         "pipeline": {"run_dir": str(tmp / run_name), "eval_seq_len": 32, "eval_windows": 2, **pipeline},
@@ -181,7 +181,7 @@ def test_keep_checkpoints_keeps_them(workspace, baseline) -> None:
 
 
 BAD_INPUT = [
-    ({"model.quant": {**QUANT, "w_bits": 9}}, "weight bits=9"),
+    ({"model.quant": {**QUANT, "w_bits": 9}}, "quant.w_bits=9"),
     ({"model.quant": {**QUANT, "w_group_size": 24}}, "quant.w_group_size=24 does not divide"),
     ({"model.quant": {**QUANT, "down_reflections": 500}}, "quant.down_reflections=500"),
     ({"model.quant": {**QUANT, "a_clip_ratio_init": 1.5}}, "quant.a_clip_ratio_init=1.5 must be in (0, 1]"),
@@ -226,6 +226,59 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(workspace, capsys, chan
     assert not (tmp / "bad").exists()
 
 
+# An out-of-range (or ill-typed) value for every field of every section; path fields are in BAD_PATHS.
+# test_every_field_has_a_bad_value keeps this table complete as fields are added.
+BAD_FIELD_VALUES = {
+    **{f"model.quant.{name}": value for name, value in dict(
+        w_bits=1, w_symmetric="maybe", w_group_size=0, w_learnable_clip="maybe", w_init="median", a_bits=17,
+        a_symmetric="maybe", a_learnable_clip="maybe", a_clip_ratio_init=0.0, kv_bits=1, kv_symmetric="maybe",
+        rotation_structure="circulant", qkv_reflections=-1, o_rotation="half", o_reflections=10_000,
+        upgate_reflections=-2, down_reflections=10_000, kv_reflections=-1, rotation_init="zeros",
+        rotation_dtype="float8", smoothing="maybe", seed=-1).items()},
+    **{f"model.optim.{name}": value for name, value in dict(
+        lr_transforms=float("nan"), lr_clips=-1.0, weight_decay=-0.1, min_lr_ratio=1.5, betas=[0.9, 1.0]).items()},
+    **{f"data.{name}": value for name, value in dict(
+        attn_implementation="fast", calibration_split="tset", n_samples=-1, val_samples=0, seq_len=0, seed=-5,
+        cache_dtype="float32", cache_batch_size=0, batch_size=0, num_workers=-1, input_mode="int4",
+        allow_generated_fallback="maybe", device="gpu9", model_dtype="float64", verify_cache="maybe").items()},
+    **{f"pipeline.{name}": value for name, value in dict(
+        layers=[-1], layer_parallel="maybe", statistics_samples=0, eval_split="train2", eval_seq_len=1,
+        eval_windows=-4, eval_fp="maybe", export="maybe", keep_checkpoints="maybe").items()},
+}
+PATH_FIELDS = {"data.model", "data.gguf_file", "data.calibration", "data.data_dir", "data.cache_dir",
+               "pipeline.run_dir", "pipeline.export_dir"}
+
+
+def test_every_field_has_a_bad_value() -> None:
+    import dataclasses
+    import inspect
+
+    fields = {f"model.quant.{f.name}" for f in dataclasses.fields(BlockQuantConfig)}
+    fields |= {f"model.optim.{f.name}" for f in dataclasses.fields(OptimConfig)}
+    fields |= {f"pipeline.{f.name}" for f in dataclasses.fields(PipelineConfig)}
+    fields |= {f"data.{name}" for name in inspect.signature(BlockActivationDataModule.__init__).parameters
+               if name != "self"}
+    assert set(BAD_FIELD_VALUES) | PATH_FIELDS == fields
+    assert PATH_FIELDS == {field for field, _ in BAD_PATHS}
+
+
+@pytest.mark.parametrize("field", list(BAD_FIELD_VALUES))
+def test_every_field_out_of_range_is_one_line_exit_2_naming_it(workspace, capsys, field) -> None:
+    tmp, model_dir = workspace
+    config = make_config(tmp, model_dir, "bad_field")
+    *sections, name = field.split(".")
+    target = config
+    for section in sections:
+        target = target.setdefault(section, {})
+    target[name] = BAD_FIELD_VALUES[field]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(write_config(tmp, config, "bad_field"))])
+    assert exit_info.value.code == 2
+    error_lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and name in error_lines[0], error_lines
+    assert not (tmp / "bad_field").exists()
+
+
 def _file(tmp: Path, name: str, content: bytes) -> Path:
     path = tmp / name
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -252,6 +305,7 @@ BAD_PATHS = {
     ("data.model", "unreadable"): (lambda tmp: str(_file(tmp, "model.txt", b"weights")), "is a file but not a .gguf"),
     ("data.model", "garbage"): (lambda tmp: str(_file(tmp, "garbage_model/config.json", b"{not json").parent),
                                 "config.json is not valid JSON"),
+    ("data.gguf_file", "missing"): (lambda tmp: "absent.gguf", "gguf_file not found"),
     ("data.model", "wrong-kind"): (lambda tmp: str(_file(tmp, "bert/config.json", b'{"model_type": "bert"}').parent),
                                    "unsupported model_type 'bert'"),
     ("data.calibration", "missing"): (lambda tmp: str(tmp / "no.txt"), "data.calibration: text file not found"),
