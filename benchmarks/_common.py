@@ -10,13 +10,19 @@ import json
 import os
 import platform
 import statistics
-import tempfile
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hh_lightning.files import write_json_atomic  # noqa: E402  (re-exported: the one JSON writer)
+
+__all__ = ["STRUCTURE_RECIPES", "machine_info", "markdown_table", "median_time", "print_markdown_table",
+           "stored_rows", "structure_overrides", "synchronized", "write_json_atomic"]
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
@@ -42,22 +48,6 @@ def synchronized(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
         return result
 
     return run
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def stored_rows(path: Path, settings: dict[str, Any], fresh: bool = False) -> dict[str, Any]:

@@ -14,7 +14,6 @@ Student-t (df = 3) entries, cycling through Qwen2-0.5B-like projection shapes.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -30,6 +29,7 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from hh_lightning.files import write_json_atomic  # noqa: E402
 from hh_lightning.hqq import hqq_quantize, rtn_quantize  # noqa: E402
 
 SHAPES = ((896, 896), (4864, 896), (896, 4864))
@@ -169,13 +169,6 @@ def markdown_table(summaries: list[dict]) -> str:
     return "\n".join([header, *rows])
 
 
-def write_json_atomically(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--matrices", type=int, default=20, help="random matrices per setting")
@@ -219,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"`{command}` (torch {torch.__version__}, hqq {version('hqq')}, {torch.get_num_threads()} threads)\n")
     print(markdown_table(summaries))
 
-    write_json_atomically(
+    write_json_atomic(
         args.json,
         {
             "command": command,

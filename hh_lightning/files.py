@@ -117,17 +117,39 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` under a temporary name and rename it into place."""
+@contextlib.contextmanager
+def atomic_write_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temporary path beside ``path`` to write; renamed onto ``path`` when the block succeeds.
+
+    The one way the package writes a file: readers of ``path`` see the old
+    file or the complete new one, never a partial one, and a reader that has
+    the old one open keeps reading it. On an error the temporary is deleted.
+    ``suffix`` ends the temporary's name (a writer that infers the format
+    from it, such as matplotlib, needs ``.png``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    os.close(fd)
+    temporary = Path(name)
+    try:
+        yield temporary
+        fsync_path(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` under a temporary name and rename it into place."""
+    with atomic_write_path(path) as temporary:
+        temporary.write_text(text)
 
 
 def write_json_atomic(path: str | os.PathLike, payload: Any) -> None:
-    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
+    """``payload`` as indented JSON (``str`` for what JSON lacks), written atomically."""
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
 try:

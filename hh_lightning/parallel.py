@@ -17,12 +17,9 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from .pipeline import QuantizationRun
 
 log = logging.getLogger(__name__)
 
@@ -124,26 +121,35 @@ def launcher_worker() -> WorkerInfo | None:
     return WorkerInfo(rank=rank, world_size=world, device=device)
 
 
-def _worker_main(rank: int, world_size: int, state: dict[str, Any]) -> None:
-    from .pipeline import QuantizationRun
+class LayerRun(Protocol):
+    """What a worker needs of a run (``pipeline.QuantizationRun`` is one)."""
 
-    torch.set_num_threads(state["threads"])
-    run = QuantizationRun.from_state(state)
+    trainer_kwargs: dict[str, Any]
+    layers: list[int]
+
+    def prepare(self) -> None: ...
+
+    def train_layers(self, layer_indices: list[int], worker: WorkerInfo) -> None: ...
+
+
+def _worker_main(rank: int, world_size: int, make_run: Callable[[], LayerRun], threads: int) -> None:
+    torch.set_num_threads(threads)
+    run = make_run()
     device = _gpu_of_rank(run.trainer_kwargs, rank) if _uses_gpu(run.trainer_kwargs) else torch.device("cpu")
     if device.type == "cuda":  # "cuda" (data.device: auto) then means this worker's own GPU
         torch.cuda.set_device(device)
     worker = WorkerInfo(rank=rank, world_size=world_size, device=device)
-    run.datamodule.prepare_data()
+    run.prepare()
     run.train_layers(worker.share(run.layers), worker)
 
 
-def run_in_processes(run: "QuantizationRun", world_size: int) -> None:
-    """Spawn ``world_size`` workers on this machine and wait for all of them."""
-    state = run.to_state()
-    state["threads"] = max(1, (os.cpu_count() or 1) // world_size)
+def run_in_processes(make_run: Callable[[], LayerRun], world_size: int) -> None:
+    """Spawn ``world_size`` workers on this machine, each building its run with the picklable
+    ``make_run`` (e.g. a ``functools.partial`` of a constructor), and wait for all of them."""
+    threads = max(1, (os.cpu_count() or 1) // world_size)
     context = multiprocessing.get_context("spawn")
-    processes = [context.Process(target=_worker_main, args=(rank, world_size, state), name=f"hh-worker-{rank}")
-                 for rank in range(world_size)]
+    processes = [context.Process(target=_worker_main, args=(rank, world_size, make_run, threads),
+                                 name=f"hh-worker-{rank}") for rank in range(world_size)]
     for process in processes:
         process.start()
     for process in processes:

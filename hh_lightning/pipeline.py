@@ -11,6 +11,7 @@ device), then assembles.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import inspect
 import json
@@ -29,14 +30,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from .block import HHDecoderBlock
-from .callbacks import (
-    FoldExportCallback,
-    RotationInitCallback,
-    WeightQuantizerInitCallback,
-    export_block,
-    load_layer_artifact,
-    read_layer_artifact,
-)
+from .artifacts import export_block, load_layer_artifact, read_layer_artifact
+from .callbacks import FoldExportCallback, RotationInitCallback, WeightQuantizerInitCallback
 from .data import WIKITEXT_SPLITS, tokenize_text, windows_sha256, write_boundary_file
 from .datamodule import BlockActivationDataModule
 from .evaluation import perplexity
@@ -233,6 +228,10 @@ class QuantizationRun:
         return list(range(count)) if self.pipeline.layers is None else sorted(set(self.pipeline.layers))
 
     # ------------------------------------------------------------- training
+    def prepare(self) -> None:
+        """Open (or build) the activation cache, holding its readers' lock for this run."""
+        self.datamodule.prepare_data()
+
     def _checkpoint_dir(self, layer_index: int) -> Path:
         return self.run_dir / "checkpoints" / f"layer_{layer_index:03d}"
 
@@ -402,12 +401,13 @@ class QuantizationRun:
             self.claim_run_dir()
             if config_yaml is not None:
                 write_text_atomic(self.run_dir / "config.yaml", config_yaml)
-        self.datamodule.prepare_data()
+        self.prepare()
         started = time.perf_counter()
         if self.datamodule.hparams.input_mode == "quantized":
             self.train_sequential_quantized(worker)
         elif self.pipeline.layer_parallel and launched is None:
-            run_in_processes(self, worker.world_size_for(self.trainer_kwargs))
+            run_in_processes(functools.partial(QuantizationRun.from_state, self.to_state()),
+                             worker.world_size_for(self.trainer_kwargs))
         else:
             self.train_layers(worker.share(self.layers), worker)
         if worker.rank != 0:

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
-from .files import write_json_atomic, write_text_atomic
+from .files import atomic_write_path, write_json_atomic, write_text_atomic
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
@@ -52,11 +51,9 @@ def plot_layer_mse(series: dict[str, list[tuple[int, float]]], path: Path, title
     axes.grid(True, which="both", alpha=0.3)
     axes.legend()
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    figure.savefig(temporary)
+    with atomic_write_path(path, suffix=path.suffix) as temporary:
+        figure.savefig(temporary)
     plt.close(figure)
-    os.replace(temporary, path)
 
 
 def write_report(run_dir: Path, results: dict[str, Any]) -> str:

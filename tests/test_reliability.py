@@ -26,7 +26,7 @@ import torch
 from test_pipeline import CHILD_ENV, REPO, assert_same_model, make_config, write_config
 from tiny_models import save_tiny_checkpoint
 
-from hh_lightning import callbacks, data
+from hh_lightning import artifacts, data
 from hh_lightning.cli import main
 from hh_lightning.export import load_quantized
 from hh_lightning.files import sha256_file
@@ -313,7 +313,7 @@ def test_non_finite_validation_mse_is_not_exported(workspace, baseline, monkeypa
     tmp, model_dir = workspace
     config = config_for(tmp, model_dir, "nan_val", layers=[0])
     run_dir = Path(config["pipeline"]["run_dir"])
-    monkeypatch.setattr(callbacks, "block_mse", lambda *_: float("nan"))
+    monkeypatch.setattr(artifacts, "block_mse", lambda *_: float("nan"))
     with pytest.raises(FloatingPointError, match=r"^layer 0: validation MSE is nan; not exporting$"):
         fit(write_config(tmp, config, "nan_val"))
     assert not list((run_dir / "layers").glob("*layer_000*"))
