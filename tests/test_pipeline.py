@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ from tiny_models import WIKITEXT_DIR, save_tiny_checkpoint
 from hh_lightning.block import BlockQuantConfig
 from hh_lightning.cli import main
 from hh_lightning.datamodule import BlockActivationDataModule
+from hh_lightning.export import load_quantized
 from hh_lightning.module import HHBlockModule, OptimConfig
 from hh_lightning.pipeline import PipelineConfig, QuantizationRun
 
@@ -384,3 +386,31 @@ def test_run_dir_trained_on_other_calibration_text_is_refused(workspace, baselin
         main(["fit", "--config", str(write_config(tmp, config, "other_text"))])
     assert exit_info.value.code == 2
     assert "holds another run (differs in: windows_sha256)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("source", ["path", "loaded"])
+def test_quantize_verb_runs_the_same_pipeline_as_fit(workspace, baseline, source) -> None:
+    """hh_lightning.quantize(model_or_path, recipe, ...) gives fit's model, from a path or a loaded model."""
+    import hh_lightning
+    from hh_lightning.models import load_model
+
+    tmp, model_dir = workspace
+    config, summary = baseline
+    recipe = tmp / "baseline.yaml"  # written by the baseline fixture
+    run_dir = tmp / f"api_{source}"
+    if source == "path":
+        model = hh_lightning.quantize(model_dir, recipe, run_dir=run_dir)
+    else:
+        loaded, tokenizer = load_model(str(model_dir))
+        # Its cache fingerprint names another source, and the baseline's datamodule still reads tmp/cache.
+        model = hh_lightning.quantize(loaded, recipe, tokenizer=tokenizer, run_dir=run_dir,
+                                      overrides=[f"--data.cache_dir={tmp / 'cache_loaded'}"])
+    assert_same_model(Path(config["pipeline"]["run_dir"]), run_dir)
+    tokens = torch.randint(0, 200, (1, 24), generator=torch.Generator().manual_seed(3))
+    reference = load_quantized(Path(summary["export_dir"]))
+    with torch.no_grad():
+        assert torch.allclose(model(tokens).logits, reference(tokens).logits, atol=1e-5)
+    identity = json.loads((run_dir / "run.json").read_text())
+    assert identity["model"] == (str(model_dir) if source == "path" else f"in-memory:{model_dir}")
+    assert identity["weights_sha256"] == json.loads((Path(config["pipeline"]["run_dir"]) / "run.json").read_text())[
+        "weights_sha256"]
