@@ -22,7 +22,7 @@ transformers' attention interface, so eager and sdpa both work.
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 import torch
@@ -35,13 +35,16 @@ from transformers.models.qwen2 import modeling_qwen2
 
 from .linear import FoldedLinear, HHLinear, InputTransform, rotate_blocks
 from .models import SUPPORTED_MODEL_TYPES, check_supported
-from .quantizers import WEIGHT_INITS, ActivationQuantizer, WeightInit, WeightQuantizer
+from .hqq import HQQSettings
+from .quantizers import WEIGHT_INITS, ActivationQuantizer, ClipSearch, WeightInit, WeightQuantizer
 from .rotation import ROTATION_INITS, Rotation, RotationInit
 from .structured import ROTATION_STRUCTURES, STRUCTURE_INITS, RotationStructure, make_rotation
 
 ORotationMode = Literal["head", "full", "none"]
 RotationDtype = Literal["float16", "bfloat16", "float32"]
 ROTATION_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
+# Five rotations per layer (j = 0..4), each seeding up to three parts (seed, seed + 1, seed + 2).
+MIN_SEED_LAYER_STRIDE = 7
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Architecture differences the block needs, keyed by config.model_type. Both
@@ -94,7 +97,15 @@ class BlockQuantConfig:
             the fold stays exact and the rotation stays orthogonal; ``float16``
             halves the rotations' share of the export at no measurable cost.
         smoothing: learn per-channel smoothing scales folded into the weights.
-        seed: base seed of the rotations (each rotation's seed adds a stride per layer).
+        seed: base seed of the rotations.
+        seed_layer_stride: layer ``i``'s rotation ``j`` is seeded ``seed + i·stride + j``, so
+            a layer's rotations depend on its index alone (not on order or parallelism).
+        w_search: the ``search`` weight init's grid (``quantizers.ClipSearch``).
+        w_hqq: the ``hqq`` weight init's solver settings (``hqq.HQQSettings``).
+        dense_apply_ratio: at inference, a Householder product with ``k ≥ ratio·d``
+            reflections is applied as its dense ``d × d`` matrix (one GEMM, ``n·d²``)
+            instead of the WY form (two thin GEMMs, ``2·n·d·k``); 0.5 is where their
+            multiply-adds are equal. Changes speed, not results.
 
     Reflection counts matter for ``householder`` and ``hadamard_householder``;
     for ``kronecker`` only 0 (off) is read. ``householder`` with
@@ -127,6 +138,10 @@ class BlockQuantConfig:
     rotation_dtype: RotationDtype = "float16"
     smoothing: bool = False
     seed: int = 0
+    seed_layer_stride: int = 1000
+    w_search: ClipSearch = field(default_factory=ClipSearch)
+    w_hqq: HQQSettings = field(default_factory=HQQSettings)
+    dense_apply_ratio: float = 0.5
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "BlockQuantConfig":
@@ -134,7 +149,8 @@ class BlockQuantConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown quantization field(s) {unknown}; known: {sorted(known)}")
-        return cls(**values)
+        nested = {"w_search": ClipSearch, "w_hqq": HQQSettings}
+        return cls(**{k: nested[k](**v) if k in nested and isinstance(v, dict) else v for k, v in values.items()})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -178,6 +194,13 @@ class BlockQuantConfig:
             raise ValueError(f"quant.a_clip_ratio_init={self.a_clip_ratio_init} must be in (0, 1]")
         if self.seed < 0:
             raise ValueError(f"quant.seed={self.seed} must be >= 0")
+        if self.seed_layer_stride < MIN_SEED_LAYER_STRIDE:
+            raise ValueError(f"quant.seed_layer_stride={self.seed_layer_stride} must be >= {MIN_SEED_LAYER_STRIDE}, "
+                             "or two layers' rotations would share seeds")
+        if not 0.0 <= self.dense_apply_ratio <= 1.0:
+            raise ValueError(f"quant.dense_apply_ratio={self.dense_apply_ratio} must be in [0, 1]")
+        self.w_search.validate("quant.w_search")
+        self.w_hqq.validate("quant.w_hqq")
         if self.rotation_dtype not in ROTATION_DTYPES:
             raise ValueError(f"quant.rotation_dtype={self.rotation_dtype!r} is not one of {ROTATION_DTYPES}")
         if self.o_rotation not in ("head", "full", "none"):
@@ -304,8 +327,9 @@ class HHDecoderBlock(nn.Module):
         if count == 0:
             return None
         # The seed depends only on the layer, so layer order and parallelism don't change results.
-        seed = self.quant.seed + 1000 * self.layer_idx + index
-        return make_rotation(self.quant.rotation_structure, dim, count, self.quant.rotation_init, seed)
+        seed = self.quant.seed + self.quant.seed_layer_stride * self.layer_idx + index
+        return make_rotation(self.quant.rotation_structure, dim, count, self.quant.rotation_init, seed,
+                             dense_apply_ratio=self.quant.dense_apply_ratio)
 
     def _make_transform(self, dim: int, rotation: Rotation | None,
                         smoothing: bool | None = None) -> InputTransform:
@@ -455,7 +479,8 @@ class HHDecoderBlock(nn.Module):
         """Set each weight quantizer's clip ratios for its current rotated weight."""
         for linear in self.linears.values():
             if isinstance(linear, HHLinear) and linear.weight_quantizer.enabled:
-                linear.weight_quantizer.initialize(linear.transformed_weight(), method or self.quant.w_init)
+                linear.weight_quantizer.initialize(linear.transformed_weight(), method or self.quant.w_init,
+                                                   search=self.quant.w_search, hqq=self.quant.w_hqq)
 
     @torch.no_grad()
     def round_rotations_(self) -> "HHDecoderBlock":

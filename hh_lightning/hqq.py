@@ -66,6 +66,32 @@ _GROUP_DIM = 1
 
 
 @dataclass
+class HQQSettings:
+    """HQQ's solver settings (DESIGN.md 2.6); ``hqq_quantize(..., **asdict(settings))``.
+
+    Args:
+        lp_norm: the ``p`` of the ``‖W − Ŵ‖_p^p`` objective, in (0, 1].
+        beta: initial half-quadratic penalty (> 0); larger = smaller sparse error.
+        kappa: growth factor of ``beta`` per iteration (>= 1).
+        iters: zero-point updates (>= 0).
+    """
+
+    lp_norm: float = 0.7
+    beta: float = 10.0
+    kappa: float = 1.01
+    iters: int = 20
+
+    def validate(self, prefix: str = "hqq") -> None:
+        """One-line errors naming ``prefix.field``."""
+        checks = {"lp_norm": 0.0 < self.lp_norm <= 1.0, "beta": self.beta > 0.0, "kappa": self.kappa >= 1.0,
+                  "iters": isinstance(self.iters, Integral) and not isinstance(self.iters, bool) and self.iters >= 0}
+        ranges = {"lp_norm": "in (0, 1]", "beta": "> 0", "kappa": ">= 1", "iters": "an integer >= 0"}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"{prefix}.{name}={getattr(self, name)!r} must be {ranges[name]}")
+
+
+@dataclass
 class HQQResult:
     """Integer codes plus per-group affine parameters; ``Ŵ = (codes − zero) · scale``.
 
@@ -253,10 +279,10 @@ def hqq_quantize(
     group_size: int | None = 64,
     axis: int = 1,
     *,
-    lp_norm: float = 0.7,
-    beta: float = 10.0,
-    kappa: float = 1.01,
-    iters: int = 20,
+    lp_norm: float = HQQSettings.lp_norm,
+    beta: float = HQQSettings.beta,
+    kappa: float = HQQSettings.kappa,
+    iters: int = HQQSettings.iters,
     early_stop: bool = True,
 ) -> HQQResult:
     """Half-quadratic quantization: min-max init, then refine the zero point per group.

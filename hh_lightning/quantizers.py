@@ -15,12 +15,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from .hqq import hqq_quantize
+from .hqq import HQQSettings, hqq_quantize
 
 # Keeps a range of all-equal values from producing a zero scale (0/0 below).
 SCALE_EPS = 1e-8
@@ -79,6 +80,30 @@ def _ratio_logit(ratio: float) -> float:
     if not 0.0 < ratio < 1.0:
         raise ValueError(f"clip_ratio_init={ratio} must be in (0, 1) when clipping is learnable")
     return math.log(ratio / (1.0 - ratio))
+
+
+@dataclass
+class ClipSearch:
+    """The ``search`` weight init: per group, the clip ratio on a grid that minimizes ``Σ|W − Q(W)|^p``.
+
+    Args:
+        grid_points: ratios tried, evenly spaced in ``[min_ratio, 1]`` (>= 1).
+        min_ratio: the smallest ratio tried, in (0, 1].
+        error_norm: the ``p`` of the error (> 0; 2.4 is the norm AWQ/GPTQ clip searches use).
+    """
+
+    grid_points: int = 20
+    min_ratio: float = 0.5
+    error_norm: float = 2.4
+
+    def validate(self, prefix: str = "search") -> None:
+        """One-line errors naming ``prefix.field``."""
+        if self.grid_points < 1:
+            raise ValueError(f"{prefix}.grid_points={self.grid_points} must be >= 1")
+        if not 0.0 < self.min_ratio <= 1.0:
+            raise ValueError(f"{prefix}.min_ratio={self.min_ratio} must be in (0, 1]")
+        if not self.error_norm > 0.0:
+            raise ValueError(f"{prefix}.error_norm={self.error_norm} must be > 0")
 
 
 class ActivationQuantizer(nn.Module):
@@ -221,16 +246,17 @@ class WeightQuantizer(nn.Module):
         return codes.reshape(weight.shape), scale.squeeze(-1), zero.squeeze(-1)
 
     @torch.no_grad()
-    def initialize(self, weight: torch.Tensor, method: WeightInit = "minmax", grid_points: int = 20,
-                   min_ratio: float = 0.5, error_norm: float = 2.4) -> None:
+    def initialize(self, weight: torch.Tensor, method: WeightInit = "minmax", search: ClipSearch | None = None,
+                   hqq: HQQSettings | None = None) -> None:
         """Set the clip ratios for ``weight``.
 
-        ``minmax``: no clipping. ``search``: per group, the ratio on a grid of
-        ``grid_points`` values in ``[min_ratio, 1]`` minimizing
-        ``Σ|W - Q(W)|^error_norm`` (the norm AWQ/GPTQ clip searches use).
-        ``hqq``: solve HQQ on the weight and take the clip ratios that
-        reproduce its range (asymmetric: both ends; symmetric: the larger end).
+        ``minmax``: no clipping. ``search``: per group, the ratio on the
+        ``search`` grid (``ClipSearch``) minimizing ``Σ|W - Q(W)|^error_norm``.
+        ``hqq``: solve HQQ (``hqq`` settings) on the weight and take the clip
+        ratios that reproduce its range (asymmetric: both ends; symmetric: the larger end).
         """
+        search = search or ClipSearch()
+        hqq = hqq or HQQSettings()
         if method not in WEIGHT_INITS:
             raise ValueError(f"weight init={method!r} is not one of {WEIGHT_INITS}")
         if not self.enabled:
@@ -242,16 +268,17 @@ class WeightQuantizer(nn.Module):
         if method == "search":
             best_error = torch.full_like(high, float("inf"))
             grouped = self._grouped(weight)
-            for ratio in torch.linspace(1.0, min_ratio, grid_points).tolist():
+            for ratio in torch.linspace(1.0, search.min_ratio, search.grid_points).tolist():
                 scale, zero = range_to_scale_zero(low * ratio, high * ratio, self.bits, self.symmetric)
-                error = (fake_quantize(grouped, scale, zero, self.bits) - grouped).abs().pow(error_norm)
+                error = (fake_quantize(grouped, scale, zero, self.bits) - grouped).abs().pow(search.error_norm)
                 error = error.sum(-1, keepdim=True)
                 better = error < best_error
                 best_error = torch.where(better, error, best_error)
                 ratio_high = torch.where(better, torch.full_like(high, ratio), ratio_high)
             ratio_low = ratio_high.clone()
         elif method == "hqq":
-            solved = hqq_quantize(weight, bits=self.bits, group_size=self.group_size or self.in_features, axis=1)
+            solved = hqq_quantize(weight, bits=self.bits, group_size=self.group_size or self.in_features, axis=1,
+                                  **asdict(hqq))
             scale = solved.scale.reshape_as(high)
             zero = solved.zero.reshape_as(high)
             grid_low, grid_high = -zero * scale, (2**self.bits - 1 - zero) * scale

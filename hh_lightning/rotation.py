@@ -28,6 +28,9 @@ import torch
 from torch import nn
 
 RotationInit = Literal["identity", "random", "hadamard", "pca"]
+# At inference a product of k ≥ ratio·d reflections is applied as its dense matrix (n·d² multiply-adds)
+# rather than as two thin WY GEMMs (2·n·d·k): equal cost at k = d/2.
+DENSE_APPLY_RATIO = 0.5
 ROTATION_INITS: tuple[str, ...] = ("identity", "random", "hadamard", "pca")
 
 
@@ -330,6 +333,8 @@ class HouseholderRotation(Rotation):
             ``hadamard`` (a dense randomized Hadamard-like matrix; needs ``k = d``),
             or ``pca`` (identity until ``init_pca_`` is called with a covariance).
         seed: seeds ``random``/``hadamard``/``identity`` vectors.
+        dense_apply_ratio: without gradients, apply ``R`` as its cached dense
+            matrix when ``k ≥ ratio·d``, else as cached WY factors (speed only).
 
     With ``k = d`` this is the dense reference: ``d²`` parameters and ``n·d²``
     work per ``n`` rows. The structures in ``structured.py`` cost ``O(d)``.
@@ -338,7 +343,7 @@ class HouseholderRotation(Rotation):
     structure = "householder"
 
     def __init__(self, dim: int, num_reflections: int, init: RotationInit = "identity",
-                 seed: int = 0) -> None:
+                 seed: int = 0, dense_apply_ratio: float = DENSE_APPLY_RATIO) -> None:
         super().__init__()
         if dim < 1:
             raise ValueError(f"dim={dim} must be positive")
@@ -351,6 +356,7 @@ class HouseholderRotation(Rotation):
         self.dim = dim
         self.num_reflections = num_reflections
         self.init = init
+        self.dense_apply_ratio = dense_apply_ratio
         self.vectors = nn.Parameter(torch.zeros(num_reflections, dim))
         generator = torch.Generator().manual_seed(seed)
         # Built on the CPU from a CPU generator, also inside a device context (Lightning's
@@ -409,8 +415,8 @@ class HouseholderRotation(Rotation):
         """What inference reuses across calls while no gradient is needed: ``(R,)`` or ``(Vᵀ, U⁻ᵀV, U⁻¹V)``.
 
         The vectors do not change at inference, so the Gram matrix and the
-        triangular solve need not be redone per call. With ``2k ≥ d`` the dense
-        ``R`` is cheaper (one GEMM, ``n·d²``); otherwise the solved WY factors
+        triangular solve need not be redone per call. With ``k ≥ dense_apply_ratio·d`` the
+        dense ``R`` is used (one GEMM, ``n·d²``); otherwise the solved WY factors
         turn a call into two thin GEMMs (``2ndk``): ``x R = x - (x Vᵀ)(U⁻ᵀ V)``.
         The cache is keyed on the parameter's version counter, which every
         in-place update (an optimizer step, ``load_state_dict``, an init) bumps.
@@ -422,7 +428,7 @@ class HouseholderRotation(Rotation):
         cached = getattr(self, "_frozen_cache", None)
         if cached is None or cached[0] != key:
             vectors = self.vectors.detach().float()
-            if 2 * self.num_reflections >= self.dim:
+            if self.num_reflections >= self.dense_apply_ratio * self.dim:
                 value: tuple[torch.Tensor, ...] = (householder_matrix(vectors),)
             else:
                 factor = _triangular_factor(vectors)
@@ -457,7 +463,7 @@ class HouseholderRotation(Rotation):
         return householder_apply(x, self.vectors, transpose=True) if out is None else out
 
     def matrix(self) -> torch.Tensor:
-        """The dense ``R`` (``d × d``); reused across calls without gradients when ``2k ≥ d``."""
+        """The dense ``R`` (``d × d``); reused across calls without gradients when the dense form is cached."""
         frozen = self._frozen(self.vectors.device, self.vectors.dtype)
         if frozen is not None and len(frozen) == 1:
             return frozen[0]

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .rotation import (
+    DENSE_APPLY_RATIO,
     HouseholderRotation,
     Rotation,
     dct_matrix,
@@ -160,11 +161,13 @@ class HadamardHouseholderRotation(Rotation):
         init: the reflections' start: ``identity``, ``random``, or ``pca``
             (identity until ``init_pca_`` gets a covariance of the unrotated input).
         seed: seeds the signs and the identity/random reflections.
+        dense_apply_ratio: see ``HouseholderRotation``.
     """
 
     structure = "hadamard_householder"
 
-    def __init__(self, dim: int, num_reflections: int, init: str = "pca", seed: int = 0) -> None:
+    def __init__(self, dim: int, num_reflections: int, init: str = "pca", seed: int = 0,
+                 dense_apply_ratio: float = DENSE_APPLY_RATIO) -> None:
         super().__init__()
         if init not in STRUCTURE_INITS[self.structure]:
             raise ValueError(f"init={init!r} is not one of {STRUCTURE_INITS[self.structure]} "
@@ -184,7 +187,8 @@ class HadamardHouseholderRotation(Rotation):
                 self.register_buffer(name, matrix.float(), persistent=False)
                 self._fixed_names.append(name)
         self.register_buffer("signs", _random_signs(dim, seed))
-        self.reflections = (HouseholderRotation(dim, num_reflections, init=init, seed=seed + 1)
+        self.reflections = (HouseholderRotation(dim, num_reflections, init=init, seed=seed + 1,
+                                                dense_apply_ratio=dense_apply_ratio)
                             if num_reflections else None)
 
     def extra_repr(self) -> str:
@@ -240,12 +244,14 @@ class HadamardHouseholderRotation(Rotation):
         self.reflections.init_pca_((rotated + rotated.T) / 2, seed=seed)
 
 
-def make_rotation(structure: str, dim: int, reflections: int, init: str, seed: int) -> Rotation:
+def make_rotation(structure: str, dim: int, reflections: int, init: str, seed: int,
+                  dense_apply_ratio: float = DENSE_APPLY_RATIO) -> Rotation:
     """A rotation of size ``dim`` with the given ``structure``.
 
     ``reflections`` is the learned reflection count of ``householder`` (where
     ``init='hadamard'`` needs ``dim``) and ``hadamard_householder``; a
-    ``kronecker`` rotation always has full factors.
+    ``kronecker`` rotation always has full factors. ``dense_apply_ratio``:
+    see ``HouseholderRotation``.
     """
     if structure not in ROTATION_STRUCTURES:
         raise ValueError(f"structure={structure!r} is not one of {ROTATION_STRUCTURES}")
@@ -253,10 +259,10 @@ def make_rotation(structure: str, dim: int, reflections: int, init: str, seed: i
         raise ValueError(f"init={init!r} is not available for the {structure!r} structure; "
                          f"choose one of {STRUCTURE_INITS[structure]}")
     if structure == "householder":
-        return HouseholderRotation(dim, reflections, init=init, seed=seed)
+        return HouseholderRotation(dim, reflections, init=init, seed=seed, dense_apply_ratio=dense_apply_ratio)
     if structure == "kronecker":
         return KroneckerRotation(dim, init=init, seed=seed)
-    return HadamardHouseholderRotation(dim, reflections, init=init, seed=seed)
+    return HadamardHouseholderRotation(dim, reflections, init=init, seed=seed, dense_apply_ratio=dense_apply_ratio)
 
 
 def rotation_parameter_count(rotation: nn.Module) -> int:

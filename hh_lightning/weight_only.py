@@ -102,7 +102,7 @@ def _fold_block_hqq(block: HHDecoderBlock, bits: int, group_size: int | None) ->
     for name in LINEAR_NAMES:
         linear = block.linears[name]
         weight = linear.transformed_weight().float()
-        solved = hqq_quantize(weight, bits=bits, group_size=group_size, axis=1)
+        solved = hqq_quantize(weight, bits=bits, group_size=group_size, axis=1, **dataclasses.asdict(block.quant.w_hqq))
         # HQQResult's axis=1 scale/zero are (out, groups): FoldedLinear's convention.
         codes, scale, zero = _fp16_grid(weight, solved.scale, solved.zero, bits)
         bias = linear.transformed_bias()

@@ -236,7 +236,8 @@ BAD_FIELD_VALUES = {
         a_symmetric="maybe", a_learnable_clip="maybe", a_clip_ratio_init=0.0, kv_bits=1, kv_symmetric="maybe",
         rotation_structure="circulant", qkv_reflections=-1, o_rotation="half", o_reflections=10_000,
         upgate_reflections=-2, down_reflections=10_000, kv_reflections=-1, rotation_init="zeros",
-        rotation_dtype="float8", smoothing="maybe", seed=-1).items()},
+        rotation_dtype="float8", smoothing="maybe", seed=-1, seed_layer_stride=3, dense_apply_ratio=1.5,
+        w_search={"grid_points": 0}, w_hqq={"kappa": 0.5}).items()},
     **{f"model.optim.{name}": value for name, value in dict(
         lr_transforms=float("nan"), lr_clips=-1.0, weight_decay=-0.1, min_lr_ratio=1.5, betas=[0.9, 1.0]).items()},
     **{f"data.{name}": value for name, value in dict(
