@@ -64,7 +64,10 @@ from _common import (  # noqa: E402
 )
 from transformers import Qwen2Config  # noqa: E402
 from transformers.masking_utils import create_causal_mask  # noqa: E402
-from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding  # noqa: E402
+from transformers.models.qwen2.modeling_qwen2 import (  # noqa: E402
+    Qwen2DecoderLayer,
+    Qwen2RotaryEmbedding,
+)
 
 from hh_lightning.block import LINEAR_NAMES, BlockQuantConfig, HHDecoderBlock  # noqa: E402
 from hh_lightning.module import OptimConfig  # noqa: E402

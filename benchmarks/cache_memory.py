@@ -155,14 +155,9 @@ class PeakRss:
 def run_child(args: argparse.Namespace) -> None:
     import torch
 
-    from hh_lightning.data import (
-        build_activation_cache,
-        cache_fingerprint,
-        calibration_windows,
-        load_wikitext_text,
-        tokenize_text,
-    )
+    from hh_lightning.cache import build_activation_cache, cache_fingerprint
     from hh_lightning.models import decoder_layers, fetch_smollm2_gguf, load_model
+    from hh_lightning.text import calibration_windows, load_wikitext_text, tokenize_text
 
     (n_layers,) = args.layers
     gguf = args.gguf or fetch_smollm2_gguf()

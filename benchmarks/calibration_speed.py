@@ -52,14 +52,24 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from _common import machine_info, median_time, print_markdown_table, synchronized, write_json_atomic  # noqa: E402
+from _common import (  # noqa: E402
+    machine_info,
+    median_time,
+    print_markdown_table,
+    synchronized,
+    write_json_atomic,
+)
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
 from transformers.masking_utils import create_causal_mask  # noqa: E402
 
 from hh_lightning.block import BlockQuantConfig  # noqa: E402
 from hh_lightning.linear import HHLinear  # noqa: E402
 from hh_lightning.module import HHBlockModule, OptimConfig, cosine_factor  # noqa: E402
-from hh_lightning.quantizers import ActivationQuantizer, WeightQuantizer, quantization_disabled  # noqa: E402
+from hh_lightning.quantizers import (  # noqa: E402
+    ActivationQuantizer,
+    WeightQuantizer,
+    quantization_disabled,
+)
 from hh_lightning.rotation import HouseholderRotation  # noqa: E402
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "calibration_speed.json"

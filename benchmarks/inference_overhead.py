@@ -51,7 +51,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
 
 from hh_lightning.block import BlockQuantConfig, wrap_model  # noqa: E402
 from hh_lightning.linear import FoldedLinear  # noqa: E402
-from hh_lightning.rotation import _apply_costs, householder_apply, householder_matrix, normalize_vectors  # noqa: E402
+from hh_lightning.rotation import (  # noqa: E402
+    _apply_costs,
+    householder_apply,
+    householder_matrix,
+    normalize_vectors,
+)
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "inference_overhead.json"
 DEFAULT_ROTATIONS = dict(rotation_structure="householder", rotation_init="pca", qkv_reflections=64,

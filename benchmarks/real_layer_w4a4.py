@@ -41,11 +41,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from _common import machine_info, print_markdown_table, write_json_atomic  # noqa: E402
 
-from hh_lightning.data import calibration_windows, load_wikitext_text, tokenize_text  # noqa: E402
 from hh_lightning.linear import HHLinear, InputTransform  # noqa: E402
 from hh_lightning.models import fetch_smollm2_gguf, load_model  # noqa: E402
 from hh_lightning.quantizers import ActivationQuantizer, WeightQuantizer  # noqa: E402
 from hh_lightning.rotation import HouseholderRotation  # noqa: E402
+from hh_lightning.text import calibration_windows, load_wikitext_text, tokenize_text  # noqa: E402
 
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "real_layer_w4a4.json"
 DEFAULT_DATA_DIR = os.environ.get("HH_DATA_DIR") or str(REPO.parent / "shared" / "data" / "wikitext-2-raw")

@@ -50,14 +50,15 @@ from _common import machine_info, markdown_table, stored_rows, write_json_atomic
 from hqq_vs_reference import reference_dequantize, reference_quantize
 
 from hh_lightning.block import LINEAR_NAMES, BlockQuantConfig, HHDecoderBlock
+from hh_lightning.cache import BoundaryPairDataset
 from hh_lightning.callbacks import init_rotations_from_dataset_
 from hh_lightning.cli import main as build_cli
 from hh_lightning.cli import quantization_run
-from hh_lightning.data import BoundaryPairDataset, tokenize_text
 from hh_lightning.evaluation import perplexity
 from hh_lightning.files import write_text_atomic
 from hh_lightning.module import block_mse
 from hh_lightning.report import plot_layer_mse
+from hh_lightning.text import tokenize_text
 from hh_lightning.weight_only import quantize_weights_hqq
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

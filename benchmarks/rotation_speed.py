@@ -37,7 +37,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import machine_info, print_markdown_table, write_json_atomic  # noqa: E402
 
-from hh_lightning.rotation import householder_apply, householder_apply_loop, householder_matrix  # noqa: E402
+from hh_lightning.rotation import (  # noqa: E402
+    householder_apply,
+    householder_apply_loop,
+    householder_matrix,
+)
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "rotation_speed.json"
 

@@ -55,9 +55,9 @@ from results import Recipe, untrained_model
 
 from hh_lightning.cli import main as build_cli
 from hh_lightning.cli import quantization_run
-from hh_lightning.data import tokenize_text
 from hh_lightning.evaluation import perplexity
 from hh_lightning.files import write_text_atomic
+from hh_lightning.text import tokenize_text
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MIB = 2**20

@@ -19,9 +19,9 @@ import torch
 from _common import markdown_table, write_json_atomic
 
 from hh_lightning.block import BlockQuantConfig, HHDecoderBlock
-from hh_lightning.data import calibration_windows, load_wikitext_text, tokenize_text
 from hh_lightning.evaluation import perplexity
 from hh_lightning.models import embedded_model_dir, load_model
+from hh_lightning.text import calibration_windows, load_wikitext_text, tokenize_text
 
 NO_ROTATION = dict(qkv_reflections=0, upgate_reflections=0, down_reflections=0, o_rotation="none")
 # Plain Householder products: 64 PCA reflections, or k = d from a dense randomized Hadamard.

@@ -33,12 +33,23 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
 
+from .hqq import HQQSettings
 from .linear import FoldedLinear, HHLinear, InputTransform, rotate_blocks
 from .models import SUPPORTED_MODEL_TYPES, check_supported
-from .hqq import HQQSettings
-from .quantizers import WEIGHT_INITS, ActivationQuantizer, ClipSearch, WeightInit, WeightQuantizer
+from .quantizers import (
+    WEIGHT_INITS,
+    ActivationQuantizer,
+    ClipSearch,
+    WeightInit,
+    WeightQuantizer,
+)
 from .rotation import ROTATION_INITS, Rotation, RotationInit
-from .structured import ROTATION_STRUCTURES, STRUCTURE_INITS, RotationStructure, make_rotation
+from .structured import (
+    ROTATION_STRUCTURES,
+    STRUCTURE_INITS,
+    RotationStructure,
+    make_rotation,
+)
 
 ORotationMode = Literal["head", "full", "none"]
 RotationDtype = Literal["float16", "bfloat16", "float32"]

@@ -6,30 +6,40 @@ import hashlib
 import json
 import logging
 import warnings
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .data import (
+from .cache import (
     BoundaryPairDataset,
     CacheManifest,
     activation_cache_reader,
     cache_fingerprint,
-    calibration_windows,
     ensure_activation_cache,
+)
+from .files import check_text_file, check_writable_directory
+from .models import (
+    attention_implementations,
+    check_model_path,
+    check_supported,
+    default_cache_dir,
+    embedded_model_dir,
+    load_model,
+    looks_local,
+)
+from .text import (
+    WIKITEXT_SPLITS,
+    calibration_windows,
     load_text_file,
     load_wikitext_text,
-    WIKITEXT_SPLITS,
     tokenize_text,
     wikitext_file,
 )
-from .files import check_text_file, check_writable_directory
-from .models import attention_implementations, check_model_path, check_supported, default_cache_dir, embedded_model_dir, load_model, looks_local
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from torch import nn
 from torchmetrics.aggregation import SumMetric
 from tqdm.auto import tqdm
 
-from hh_lightning.data import evaluation_windows
+from hh_lightning.text import evaluation_windows
 
 
 @dataclass(frozen=True)

@@ -29,16 +29,26 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from .block import HHDecoderBlock
 from .artifacts import export_block, load_layer_artifact, read_layer_artifact
-from .callbacks import FoldExportCallback, RotationInitCallback, WeightQuantizerInitCallback
-from .data import WIKITEXT_SPLITS, tokenize_text, windows_sha256, write_boundary_file
+from .block import HHDecoderBlock
+from .cache import windows_sha256, write_boundary_file
+from .callbacks import (
+    FoldExportCallback,
+    RotationInitCallback,
+    WeightQuantizerInitCallback,
+)
 from .datamodule import BlockActivationDataModule
 from .evaluation import perplexity
-from .files import check_writable_directory, directory_lock, remove_leftovers, write_text_atomic
+from .files import (
+    check_writable_directory,
+    directory_lock,
+    remove_leftovers,
+    write_text_atomic,
+)
 from .models import config_hash, weights_fingerprint
 from .module import HHBlockModule
 from .parallel import WorkerInfo, listed_devices, run_in_processes
+from .text import WIKITEXT_SPLITS, tokenize_text
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +350,7 @@ class QuantizationRun:
             input_path = next_path
 
     def _run_block(self, block: HHDecoderBlock, source: Path, device: torch.device):
-        from .data import BoundaryPairDataset
+        from .cache import BoundaryPairDataset
 
         manifest = self.datamodule.manifest
         dataset = BoundaryPairDataset(source, source, manifest.shape, manifest.dtype)

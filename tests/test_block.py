@@ -6,7 +6,12 @@ import pytest
 import torch
 from tiny_models import tiny_config, tiny_model
 
-from hh_lightning.block import BlockQuantConfig, HHDecoderBlock, check_model_type, wrap_model
+from hh_lightning.block import (
+    BlockQuantConfig,
+    HHDecoderBlock,
+    check_model_type,
+    wrap_model,
+)
 from hh_lightning.quantizers import quantization_disabled
 
 OFF = dict(w_bits=16, a_bits=16, kv_bits=16)

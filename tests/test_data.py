@@ -8,28 +8,36 @@ import sys
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from tiny_models import SHARED_WIKITEXT_DIR, WIKITEXT_DIR
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
-from hh_lightning.data import (
+from hh_lightning.cache import (
     BoundaryPairDataset,
     activation_cache_reader,
     build_activation_cache,
     cache_fingerprint,
-    calibration_windows,
     ensure_activation_cache,
-    evaluation_windows,
-    load_text_file,
-    load_wikitext_text,
     open_activation_cache,
     read_boundary,
     read_windows,
-    tokenize_text,
-    wikitext_rows,
     write_boundary_file,
 )
 from hh_lightning.files import DirectoryLocked
+from hh_lightning.text import (
+    calibration_windows,
+    evaluation_windows,
+    load_text_file,
+    load_wikitext_text,
+    tokenize_text,
+    wikitext_rows,
+)
 
 # The real file's own rows are checked only where the real file is; the rest runs on any clone.
 needs_wikitext = pytest.mark.skipif(WIKITEXT_DIR != SHARED_WIKITEXT_DIR,
@@ -204,7 +212,7 @@ def test_cache_reuse_rebuild_and_corruption(tmp_path, caplog):
     victim = cache_dir / "boundary_002.bin"
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size - 2)
-    with caplog.at_level(logging.WARNING, logger="hh_lightning.data"):
+    with caplog.at_level(logging.WARNING, logger="hh_lightning.cache"):
         assert open_activation_cache(cache_dir, other) is None
     assert "boundary_002.bin" in caplog.text
 
@@ -213,7 +221,7 @@ def test_cache_reuse_rebuild_and_corruption(tmp_path, caplog):
     data[0] ^= 0xFF
     victim.write_bytes(bytes(data))
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hh_lightning.data"):
+    with caplog.at_level(logging.WARNING, logger="hh_lightning.cache"):
         assert open_activation_cache(cache_dir, other) is not None  # sizes alone look fine
         assert open_activation_cache(cache_dir, other, verify=True) is None
     assert "boundary_002.bin" in caplog.text and "sha256" in caplog.text

@@ -13,10 +13,10 @@ from hh_lightning.block import BlockQuantConfig, wrap_model
 from hh_lightning.export import (
     QUANT_CONFIG_NAME,
     WEIGHTS_NAME,
+    export_size,
     load_quantized,
     pack_codes,
     packed_numel,
-    export_size,
     save_quantized,
     unpack_codes,
 )

@@ -26,12 +26,12 @@ import torch
 from test_pipeline import CHILD_ENV, REPO, assert_same_model, make_config, write_config
 from tiny_models import save_tiny_checkpoint
 
-from hh_lightning import artifacts, data
+from hh_lightning import artifacts
+from hh_lightning import cache as cache_module
 from hh_lightning.cli import main
 from hh_lightning.export import load_quantized
 from hh_lightning.files import sha256_file
 from hh_lightning.module import HHBlockModule
-
 
 EPOCHS = 2  # 2 steps per epoch: enough for "a checkpoint, then more training"
 # One thread per child: on 2 shared cores, more threads only spin and wait (about 20x slower).
@@ -47,7 +47,7 @@ main(["fit", "--config", sys.argv[1]])
 """
 # Each write of a cache batch takes 0.2 s more: the build lasts seconds, not milliseconds.
 SLOW_CACHE_BUILD = """
-import hh_lightning.data as d
+import hh_lightning.cache as d
 _write = d._BoundaryWriter.write
 d._BoundaryWriter.write = lambda self, *a: (time.sleep(0.2), _write(self, *a))[1]
 """
@@ -68,7 +68,7 @@ CACHE_CHILD = """
 import contextlib, json, logging, os, sys, time
 from pathlib import Path
 logging.basicConfig(level=logging.INFO)
-import hh_lightning.data as d
+import hh_lightning.cache as d
 from hh_lightning.datamodule import BlockActivationDataModule
 ready, go = Path(sys.argv[2]), Path(sys.argv[3])
 _lock, _write = d._build_lock, d._BoundaryWriter.write
@@ -382,7 +382,7 @@ def test_disk_full_during_cache_build_says_so_and_leaves_no_cache(workspace, mon
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     if where == "write":  # mid-build, after some batches are written
-        write, calls = data._BoundaryWriter.write, []
+        write, calls = cache_module._BoundaryWriter.write, []
 
         def failing_write(self, *args):
             calls.append(args)
@@ -390,7 +390,7 @@ def test_disk_full_during_cache_build_says_so_and_leaves_no_cache(workspace, mon
                 no_space()
             write(self, *args)
 
-        monkeypatch.setattr(data._BoundaryWriter, "write", failing_write)
+        monkeypatch.setattr(cache_module._BoundaryWriter, "write", failing_write)
     else:  # reserving the files' blocks, before any forward pass
         monkeypatch.setattr(os, "posix_fallocate", no_space)
 

@@ -186,7 +186,10 @@ QWEN25_7B = dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=
 def test_structured_rotations_of_a_7b_block_are_never_d_by_d(structure, init, reflections, head_reflections) -> None:
     """Fold a Qwen2.5-7B-shaped block on the meta device: what export stores of its rotations is O(d)."""
     from transformers import Qwen2Config
-    from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RotaryEmbedding
+    from transformers.models.qwen2.modeling_qwen2 import (
+        Qwen2DecoderLayer,
+        Qwen2RotaryEmbedding,
+    )
 
     config = Qwen2Config(**QWEN25_7B)
     with torch.device("meta"):

@@ -5,7 +5,7 @@ import torch
 from tiny_models import tiny_model
 
 from hh_lightning.block import LINEAR_NAMES, BlockQuantConfig, wrap_model
-from hh_lightning.export import load_quantized, export_size, save_quantized
+from hh_lightning.export import export_size, load_quantized, save_quantized
 from hh_lightning.hqq import hqq_quantize, rtn_quantize
 from hh_lightning.linear import FoldedLinear
 from hh_lightning.weight_only import quantize_weights_hqq, weight_only_config
