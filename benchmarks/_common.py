@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hh_lightning.files import write_json_atomic  # noqa: E402  (re-exported: the one JSON writer)
+from hh_lightning.files import write_json_atomic  # noqa: E402  (re-exported: one JSON writer, one table)
+from hh_lightning.report import markdown_table  # noqa: E402
 
 __all__ = ["STRUCTURE_RECIPES", "machine_info", "markdown_table", "median_time", "print_markdown_table",
            "stored_rows", "structure_overrides", "synchronized", "write_json_atomic"]
@@ -57,22 +58,6 @@ def stored_rows(path: Path, settings: dict[str, Any], fresh: bool = False) -> di
         return {}
     stored = json.loads(path.read_text())
     return stored["rows"] if stored.get("settings") == settings else {}
-
-
-def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return "" if value is None else str(value)
-
-
-def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of ``rows``; columns are the keys in first-seen order."""
-    if not rows:
-        return ""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def print_markdown_table(rows: list[dict[str, Any]]) -> None:

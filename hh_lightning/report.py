@@ -9,16 +9,19 @@ from .files import atomic_write_path, write_json_atomic, write_text_atomic
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of ``rows`` (dicts sharing keys); floats to 4 significant digits."""
+    """A markdown table of ``rows``: columns are the keys in first-seen order, floats to 4 significant
+    digits, a missing or ``None`` value an empty cell."""
     if not rows:
         return ""
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(key for row in rows for key in row))
 
     def cell(value: Any) -> str:
-        return f"{value:.4g}" if isinstance(value, float) else str(value)
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else str(value)
 
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
