@@ -9,7 +9,12 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from hh_lightning.artifacts import artifact_paths, load_layer_artifact, read_layer_artifact, write_layer_artifact
+from hh_lightning.artifacts import (
+    artifact_paths,
+    load_layer_artifact,
+    read_layer_artifact,
+    write_layer_artifact,
+)
 from hh_lightning.block import BlockQuantConfig, HHDecoderBlock
 from hh_lightning.callbacks import RotationInitCallback, init_rotations_from_dataset_
 

@@ -7,7 +7,11 @@ import torch
 from tiny_models import WIKITEXT_DIR, save_tiny_checkpoint
 
 from hh_lightning.cache import activation_cache_reader
-from hh_lightning.datamodule import IN_MEMORY_PREFIX, BlockActivationDataModule, EpochSeededSampler
+from hh_lightning.datamodule import (
+    IN_MEMORY_PREFIX,
+    BlockActivationDataModule,
+    EpochSeededSampler,
+)
 from hh_lightning.files import FileLock
 from hh_lightning.models import load_model
 
