@@ -19,7 +19,7 @@ from lightning.pytorch.cli import LightningCLI
 
 from .datamodule import BlockActivationDataModule
 from .files import DirectoryLocked
-from .module import HHBlockModule
+from .module import HHBlockModule, LayerRecipe
 from .parallel import WorkerInfo, launcher_worker
 from .pipeline import PipelineConfig, QuantizationRun, RunInterrupted
 
@@ -99,6 +99,7 @@ def quantization_run(cli: QuantizeCLI, model: HHBlockModule | None = None,
     config, config_init = cli.config, cli.config_init
     if cli.subcommand is not None:
         config, config_init = config[cli.subcommand], config_init[cli.subcommand]
-    return QuantizationRun(model if model is not None else cli.model,
+    module = model if model is not None else cli.model  # LightningCLI's parsed model group: the recipe
+    return QuantizationRun(LayerRecipe(quant=module.quant, optim=module.optim),
                            datamodule if datamodule is not None else cli.datamodule,
                            config["trainer"].as_dict(), config_init["pipeline"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import lightning as L
 import torch
@@ -46,6 +46,23 @@ class OptimConfig:
             raise ValueError(f"model.optim.min_lr_ratio={self.min_lr_ratio} must be in (0, 1]")
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"model.optim.betas={tuple(self.betas)} must be two numbers in [0, 1)")
+
+
+@dataclass
+class LayerRecipe:
+    """What every layer of a run is trained with: the block's quantization and the optimizer.
+
+    Args:
+        quant: rotations, quantizers and their inits (``BlockQuantConfig``).
+        optim: optimizer and schedule (``OptimConfig``).
+    """
+
+    quant: BlockQuantConfig = field(default_factory=BlockQuantConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def module(self, layer_index: int) -> "HHBlockModule":
+        """The LightningModule that trains layer ``layer_index`` with this recipe."""
+        return HHBlockModule(quant=self.quant, optim=self.optim, layer_index=layer_index)
 
 
 def cosine_factor(step: int, total_steps: int, min_ratio: float) -> float:
@@ -97,10 +114,6 @@ class HHBlockModule(L.LightningModule):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("mse_init", torch.full((), float("nan")))
         self.val_mse = MeanSquaredError()
-
-    def for_layer(self, layer_index: int) -> "HHBlockModule":
-        """A fresh module with the same recipe for another layer."""
-        return type(self)(quant=self.quant, optim=self.optim, layer_index=layer_index)
 
     def attach_source(self, layer: nn.Module, config: object, rotary_emb: nn.Module) -> None:
         """Hand over the full-precision decoder layer this module wraps."""

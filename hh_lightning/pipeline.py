@@ -46,7 +46,7 @@ from .files import (
     write_text_atomic,
 )
 from .models import config_hash, weights_fingerprint
-from .module import HHBlockModule
+from .module import LayerRecipe
 from .parallel import WorkerInfo, listed_devices, run_in_processes
 from .text import WIKITEXT_SPLITS, tokenize_text
 
@@ -112,9 +112,15 @@ class PipelineConfig:
 
 
 class QuantizationRun:
-    """One quantization job: a recipe module, a datamodule, Trainer arguments and a layout."""
+    """One quantization job: a layer recipe, a datamodule, Trainer arguments and a layout.
 
-    def __init__(self, recipe: HHBlockModule, datamodule: BlockActivationDataModule,
+    Reads top to bottom as what a run does: ``validate`` (every check, before any heavy
+    work), then ``run``: claim ``run_dir``, ``prepare`` the activation cache, ``train_layer``
+    for each layer (sequentially, or in worker processes), then ``finish`` (assemble,
+    export, evaluate, report).
+    """
+
+    def __init__(self, recipe: LayerRecipe, datamodule: BlockActivationDataModule,
                  trainer_kwargs: dict[str, Any], pipeline: PipelineConfig) -> None:
         self.recipe = recipe
         self.datamodule = datamodule
@@ -135,7 +141,7 @@ class QuantizationRun:
 
     @classmethod
     def from_state(cls, state: dict[str, Any]) -> "QuantizationRun":
-        return cls(HHBlockModule(quant=state["quant"], optim=state["optim"]),
+        return cls(LayerRecipe(quant=state["quant"], optim=state["optim"]),
                    BlockActivationDataModule(**state["data"]), state["trainer"], state["pipeline"])
 
     # ----------------------------------------------------------- validation
@@ -294,7 +300,7 @@ class QuantizationRun:
             return
         model = self.datamodule.fp_model
         L.seed_everything(self.datamodule.hparams.seed + layer_index, verbose=False)
-        module = self.recipe.for_layer(layer_index)
+        module = self.recipe.module(layer_index)
         module.attach_source(model.model.layers[layer_index], model.config, model.model.rotary_emb)
         self.datamodule.select_layer(layer_index, input_path)
         trainer = self._trainer(layer_index, worker)

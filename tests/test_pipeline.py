@@ -21,7 +21,7 @@ from hh_lightning.block import BlockQuantConfig
 from hh_lightning.cli import main
 from hh_lightning.datamodule import BlockActivationDataModule
 from hh_lightning.export import load_quantized
-from hh_lightning.module import HHBlockModule, OptimConfig
+from hh_lightning.module import LayerRecipe, OptimConfig
 from hh_lightning.pipeline import PipelineConfig, QuantizationRun
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,7 +52,7 @@ def write_config(tmp: Path, config: dict, name: str) -> Path:
 def run_from_config(config: dict) -> QuantizationRun:
     """The same run the CLI builds, from plain Python objects (no parsing)."""
     return QuantizationRun(
-        HHBlockModule(quant=BlockQuantConfig(**config["model"]["quant"]), optim=OptimConfig(**config["model"]["optim"])),
+        LayerRecipe(quant=BlockQuantConfig(**config["model"]["quant"]), optim=OptimConfig(**config["model"]["optim"])),
         BlockActivationDataModule(**config["data"]), dict(config["trainer"]), PipelineConfig(**config["pipeline"]))
 
 
