@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import load_model, save_model
 
 from .block import HHDecoderBlock
@@ -68,23 +69,45 @@ def read_layer_artifact(directory: Path, layer_index: int, verify: bool = True) 
 def load_layer_artifact(block: HHDecoderBlock, directory: Path) -> HHDecoderBlock:
     """Fold ``block`` (fixing buffer shapes) and load its saved artifact into it."""
     weights_path, _ = artifact_paths(directory, block.layer_idx)
-    pack_block_codes_(block.fold_())  # the packed shapes the file holds
+    pack_block_codes_(block.fold_(codes_from_file=True))  # the packed shapes the file holds
     load_model(block, str(weights_path))
     return unpack_block_codes_(block)
 
 
-def export_block(pl_module: HHBlockModule, val_loader: Any, artifact_dir: Path, steps: int) -> Path:
-    """Fold, measure and save one trained block; returns the metadata path."""
+def export_block(pl_module: HHBlockModule, val_loader: Any, artifact_dir: Path, steps: int,
+                 train_dataset: Any = None) -> Path:
+    """Fold, measure and save one trained block; returns the metadata path.
+
+    ``train_dataset`` (``(x, y)`` pairs): the calibration inputs whose statistics GPTQ
+    rounding folds with (``quant.w_rounding='gptq'``; unused otherwise).
+    """
     block = pl_module.block
     block.eval()
     # Measure the trained block with the rotations it ships (rounded to quant.rotation_dtype), so
-    # mse_folded == mse_final checks the fold alone.
+    # mse_folded == mse_final checks the fold alone (with round-to-nearest codes).
     block.round_rotations_()
     mse_final = block_mse(block, val_loader, pl_module.device)
     if not math.isfinite(mse_final):
         raise FloatingPointError(f"layer {pl_module.layer_index}: validation MSE is {mse_final}; not exporting")
-    folded = copy.deepcopy(block).fold_()
+    statistics = None
+    if block.quant.w_rounding == "gptq":
+        if train_dataset is None:
+            raise ValueError("quant.w_rounding='gptq' needs the calibration inputs (train_dataset)")
+        statistics = dataset_statistics(block, train_dataset, device=pl_module.device)
+    folded = copy.deepcopy(block).fold_(statistics)
     mse_folded = block_mse(folded, val_loader, pl_module.device)
     metrics = {"mse_init": float(pl_module.mse_init), "mse_final": mse_final, "mse_folded": mse_folded,
                "steps": int(steps)}
     return write_layer_artifact(folded.cpu(), artifact_dir, metrics)
+
+
+def dataset_statistics(block: HHDecoderBlock, dataset: Any, count: int | None = None,
+                       device: torch.device | str = "cpu") -> dict[str, list[torch.Tensor]]:
+    """``block.collect_statistics`` over the inputs ``x`` of the first ``count`` ``(x, y)`` pairs of ``dataset``
+    (``None``: all), each ``x`` of shape ``(seq_len, hidden)``."""
+    count = len(dataset) if count is None else min(count, len(dataset))
+    statistics = None
+    for index in range(count):
+        x, _ = dataset[index]
+        statistics = block.collect_statistics(x[None].to(device), statistics)
+    return statistics

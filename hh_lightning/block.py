@@ -53,6 +53,11 @@ from .structured import (
 
 ORotationMode = Literal["head", "full", "none"]
 RotationDtype = Literal["float16", "bfloat16", "float32"]
+WeightRounding = Literal["nearest", "gptq"]
+WEIGHT_ROUNDINGS: tuple[str, ...] = ("nearest", "gptq")
+# Which collect_statistics entry holds each linear's (untransformed) input covariance.
+LINEAR_INPUTS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o_proj", "gate_proj": "upgate",
+                 "up_proj": "upgate", "down_proj": "down"}
 ROTATION_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
 # Five rotations per layer (j = 0..4), each seeding up to three parts (seed, seed + 1, seed + 2).
 MIN_SEED_LAYER_STRIDE = 7
@@ -111,6 +116,12 @@ class BlockQuantConfig:
         seed: base seed of the rotations.
         seed_layer_stride: layer ``i``'s rotation ``j`` is seeded ``seed + i·stride + j``, so
             a layer's rotations depend on its index alone (not on order or parallelism).
+        w_rounding: how ``fold_`` picks the weight codes on the learned grid:
+            ``nearest`` (round each weight alone) or ``gptq`` (round column by
+            column, moving each rounding error onto the columns not yet rounded
+            through the inverse Hessian of the linear's calibration inputs;
+            ``gptq.py``). The grid and the packed format are the same.
+        gptq_damp: ``gptq``'s damping, a fraction of the Hessian's mean diagonal (>= 0).
         w_search: the ``search`` weight init's grid (``quantizers.ClipSearch``).
         w_hqq: the ``hqq`` weight init's solver settings (``hqq.HQQSettings``).
         dense_apply_ratio: at inference, a Householder product with ``k ≥ ratio·d``
@@ -150,6 +161,8 @@ class BlockQuantConfig:
     smoothing: bool = False
     seed: int = 0
     seed_layer_stride: int = 1000
+    w_rounding: WeightRounding = "nearest"
+    gptq_damp: float = 0.01
     w_search: ClipSearch = field(default_factory=ClipSearch)
     w_hqq: HQQSettings = field(default_factory=HQQSettings)
     dense_apply_ratio: float = 0.5
@@ -208,6 +221,10 @@ class BlockQuantConfig:
         if self.seed_layer_stride < MIN_SEED_LAYER_STRIDE:
             raise ValueError(f"quant.seed_layer_stride={self.seed_layer_stride} must be >= {MIN_SEED_LAYER_STRIDE}, "
                              "or two layers' rotations would share seeds")
+        if self.w_rounding not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"quant.w_rounding={self.w_rounding!r} is not one of {WEIGHT_ROUNDINGS}")
+        if not self.gptq_damp >= 0.0:
+            raise ValueError(f"quant.gptq_damp={self.gptq_damp} must be >= 0")
         if not 0.0 <= self.dense_apply_ratio <= 1.0:
             raise ValueError(f"quant.dense_apply_ratio={self.dense_apply_ratio} must be in [0, 1]")
         self.w_search.validate("quant.w_search")
@@ -446,6 +463,7 @@ class HHDecoderBlock(nn.Module):
             unrotated = attended if self.o_rotation is None else rotate_blocks(attended, self.o_rotation, True)
             self._record("o", unrotated.reshape(batch, length, -1, self.head_dim) if self.o_rotation is not None
                          else unrotated)
+            self._record("o_proj", attended)  # o_proj's own input, for its GPTQ Hessian
         hidden_states = residual + linears["o_proj"](attended)
 
         residual = hidden_states
@@ -506,15 +524,28 @@ class HHDecoderBlock(nn.Module):
         return self
 
     @torch.no_grad()
-    def fold_(self) -> "HHDecoderBlock":
+    def fold_(self, statistics: dict[str, list[torch.Tensor]] | None = None, *,
+              codes_from_file: bool = False) -> "HHDecoderBlock":
         """Round the rotations (``round_rotations_``), then replace every linear by its deployable
-        ``FoldedLinear`` (in place); returns self."""
+        ``FoldedLinear`` (in place); returns self.
+
+        With ``quant.w_rounding='gptq'`` each linear's codes are GPTQ-rounded
+        against the input Hessian in ``statistics`` (``collect_statistics``
+        over calibration inputs, taken after ``round_rotations_``).
+        ``codes_from_file``: the codes are about to be replaced by saved
+        ones (the loaders), so no statistics are needed.
+        """
+        gptq = self.quant.w_rounding == "gptq" and not codes_from_file
+        if gptq and statistics is None:
+            raise ValueError("quant.w_rounding='gptq' folds with the inputs' statistics: "
+                             "block.fold_(block.collect_statistics(calibration_inputs))")
         if not any(isinstance(linear, FoldedLinear) for linear in self.linears.values()):
             self.round_rotations_()  # never under weights already folded with the unrounded values
         for name in LINEAR_NAMES:
             linear = self.linears[name]
             if isinstance(linear, HHLinear):
-                self.linears[name] = linear.fold()
+                hessian = linear.transformed_hessian(statistics[LINEAR_INPUTS[name]][0]) if gptq else None
+                self.linears[name] = linear.fold(hessian=hessian, damp=self.quant.gptq_damp)
         for parameter in self.parameters():
             parameter.requires_grad_(False)
         return self

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from .artifacts import export_block
+from .artifacts import dataset_statistics, export_block
 from .block import HHDecoderBlock
 from .module import HHBlockModule
 from .quantizers import WeightInit
@@ -44,12 +44,7 @@ def init_rotations_from_dataset_(block: HHDecoderBlock, dataset: Any, count: int
 
     ``dataset[i]`` is an ``(x, y)`` pair with ``x`` ``(seq_len, hidden)``; ``None`` uses all of it.
     """
-    count = len(dataset) if count is None else min(count, len(dataset))
-    statistics = None
-    for index in range(count):
-        x, _ = dataset[index]
-        statistics = block.collect_statistics(x[None].to(device), statistics)
-    block.init_rotations_pca_(statistics)
+    block.init_rotations_pca_(dataset_statistics(block, dataset, count, device))
 
 
 class WeightQuantizerInitCallback(Callback):
@@ -74,4 +69,5 @@ class FoldExportCallback(Callback):
         self.artifact_dir = Path(artifact_dir)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: HHBlockModule) -> None:
-        export_block(pl_module, trainer.datamodule.val_dataloader(), self.artifact_dir, trainer.global_step)
+        export_block(pl_module, trainer.datamodule.val_dataloader(), self.artifact_dir, trainer.global_step,
+                     trainer.datamodule.train_dataset)

@@ -589,7 +589,7 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
         saved = entry.get("block_quant_config", meta["block_quant_config"])
         wrap_model(model, _loading_config(saved, entry["rotations"]), layer_indices=[index])
         block = layers[index]
-        block.fold_()
+        block.fold_(codes_from_file=True)
         saved_configs.append(BlockQuantConfig.from_dict(_saved_quant(saved)))
         built = {name: rotation.spec() for name, rotation in block.rotations().items()}
         for name, spec in entry["rotations"].items():

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .gptq import gptq_codes
 from .quantizers import ActivationQuantizer, WeightQuantizer, dequantize_codes
 from .rotation import Rotation
 
@@ -129,14 +130,29 @@ class HHLinear(nn.Module):
         return self.forward_transformed(self.transform(x))
 
     @torch.no_grad()
-    def fold(self) -> "FoldedLinear":
-        """The deployable form: ``W̃`` quantized once to codes, the transform kept online."""
+    @torch.no_grad()
+    def transformed_hessian(self, covariance: torch.Tensor) -> torch.Tensor:
+        """``X̃ᵀX̃`` of the transformed inputs ``x̃ = transform_input(x)``, from ``XᵀX`` (``covariance``, ``(in, in)``)."""
+        weight = self.transformed_weight()
+        covariance = covariance.to(device=weight.device, dtype=torch.float32)
+        once = self.transform.transform_input(covariance)               # C D⁻¹ R
+        return self.transform.transform_input(once.T.contiguous())      # Rᵀ D⁻¹ C D⁻¹ R (C symmetric)
+
+    def fold(self, hessian: torch.Tensor | None = None, damp: float = 0.01) -> "FoldedLinear":
+        """The deployable form: ``W̃`` quantized once to codes, the transform kept online.
+
+        ``hessian``: ``X̃ᵀX̃`` of the transformed inputs (``transformed_hessian``); given, the
+        codes are GPTQ-rounded on the same grid (``gptq.gptq_codes`` with ``damp``), else rounded
+        to nearest.
+        """
         weight = self.transformed_weight().float()
         bias = self.transformed_bias()
         bias = None if bias is None else bias.detach().clone()
         if not self.weight_quantizer.enabled:
             return FoldedLinear(self.transform, bias=bias, weight=weight)
         codes, scale, zero = self.weight_quantizer.quantize(weight)
+        if hessian is not None:
+            codes = gptq_codes(weight, hessian, scale, zero, self.weight_quantizer.bits, damp=damp)
         return FoldedLinear(self.transform, bias=bias, codes=codes, scale=scale, zero=zero,
                             bits=self.weight_quantizer.bits)
 

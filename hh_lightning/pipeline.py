@@ -318,7 +318,8 @@ class QuantizationRun:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise RunInterrupted(layer_index, self.layers.index(layer_index) + 1, total) from None
         if not self.layer_done(layer_index):  # a fit resumed after its last epoch skips on_train_end
-            export_block(module, self.datamodule.val_dataloader(), self.artifact_dir, trainer.global_step)
+            export_block(module, self.datamodule.val_dataloader(), self.artifact_dir, trainer.global_step,
+                         self.datamodule.train_dataset)
         del trainer, module
         gc.collect()  # Trainer, optimizer and module form reference cycles; free this layer now
         meta = read_layer_artifact(self.artifact_dir, layer_index)  # verified before its checkpoints go

@@ -1,6 +1,7 @@
 """HHDecoderBlock against transformers' own decoder layers."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -83,6 +84,36 @@ def test_fold_equals_fake_quant_block(o_rotation, structure) -> None:
         folded = copy.deepcopy(block).fold_()
         assert folded.is_folded
         assert torch.allclose(folded(hidden), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_gptq_fold_lowers_the_block_error_of_nearest_rounding(model_type) -> None:
+    """quant.w_rounding='gptq': same grid, codes chosen against each linear's input Hessian."""
+    model = tiny_model(model_type)
+    quant = BlockQuantConfig(w_bits=3, a_bits=16, qkv_reflections=8, upgate_reflections=8, down_reflections=8,
+                             w_group_size=16, w_symmetric=False, w_rounding="gptq")
+    block = HHDecoderBlock(model.model.layers[0], model.config, model.model.rotary_emb, quant, 0)
+    mixing = torch.eye(64) + torch.randn(64, 64, generator=torch.Generator().manual_seed(5)) / 4
+    hidden = torch.randn(4, 32, 64, generator=torch.Generator().manual_seed(4)) @ mixing  # correlated inputs
+    block.init_rotations_pca_(block.collect_statistics(hidden))
+    block.initialize_weight_quantizers()
+    block.round_rotations_()
+    with torch.no_grad(), quantization_disabled(block):
+        reference = block(hidden)
+    with pytest.raises(ValueError, match="w_rounding='gptq' folds with the inputs' statistics"):
+        copy.deepcopy(block).fold_()
+    statistics = block.collect_statistics(hidden)
+    gptq = copy.deepcopy(block).fold_(statistics)
+    nearest = copy.deepcopy(block)
+    nearest.quant = dataclasses.replace(quant, w_rounding="nearest")
+    nearest.fold_()
+    with torch.no_grad():
+        error_gptq = (gptq(hidden) - reference).pow(2).mean()
+        error_nearest = (nearest(hidden) - reference).pow(2).mean()
+    assert error_gptq < 0.8 * error_nearest
+    for name in ("q_proj", "o_proj", "down_proj"):  # same grid, other codes
+        assert torch.equal(gptq.linears[name].scale, nearest.linears[name].scale)
+        assert not torch.equal(gptq.linears[name].codes, nearest.linears[name].codes)
 
 
 def test_statistics_do_not_depend_on_rotations() -> None:

@@ -237,7 +237,7 @@ BAD_FIELD_VALUES = {
         rotation_structure="circulant", qkv_reflections=-1, o_rotation="half", o_reflections=10_000,
         upgate_reflections=-2, down_reflections=10_000, kv_reflections=-1, rotation_init="zeros",
         rotation_dtype="float8", smoothing="maybe", seed=-1, seed_layer_stride=3, dense_apply_ratio=1.5,
-        w_search={"grid_points": 0}, w_hqq={"kappa": 0.5}).items()},
+        w_search={"grid_points": 0}, w_hqq={"kappa": 0.5}, w_rounding="stochastic", gptq_damp=-0.1).items()},
     **{f"model.optim.{name}": value for name, value in dict(
         lr_transforms=float("nan"), lr_clips=-1.0, weight_decay=-0.1, min_lr_ratio=1.5, betas=[0.9, 1.0]).items()},
     **{f"data.{name}": value for name, value in dict(
@@ -415,3 +415,16 @@ def test_quantize_verb_runs_the_same_pipeline_as_fit(workspace, baseline, source
     assert identity["model"] == (str(model_dir) if source == "path" else f"in-memory:{model_dir}")
     assert identity["weights_sha256"] == json.loads((Path(config["pipeline"]["run_dir"]) / "run.json").read_text())[
         "weights_sha256"]
+
+
+def test_gptq_rounding_runs_end_to_end_and_reloads(workspace) -> None:
+    tmp, model_dir = workspace
+    config = make_config(tmp, model_dir, "gptq")
+    config["model"]["quant"]["w_rounding"] = "gptq"
+    config["data"]["cache_dir"] = str(tmp / "cache_gptq")
+    summary = main(["fit", "--config", str(write_config(tmp, config, "gptq"))]).summary
+    assert summary["quantized"]["ppl"] > 1
+    model = load_quantized(Path(summary["export_dir"]))
+    tokens = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens).logits).all()

@@ -1,0 +1,59 @@
+"""gptq.py: error-compensating rounding on a fixed grid beats round-to-nearest on correlated inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hh_lightning.gptq import gptq_codes
+from hh_lightning.quantizers import WeightQuantizer, dequantize_codes
+
+
+def _layer(out_features=48, in_features=64, rows=512, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    mixing = torch.randn(in_features, in_features, generator=generator) / in_features**0.5
+    inputs = torch.randn(rows, in_features, generator=generator) @ (torch.eye(in_features) + 2 * mixing)
+    return weight, inputs
+
+
+def _grid(weight, bits, group_size, symmetric):
+    quantizer = WeightQuantizer(*weight.shape, bits=bits, symmetric=symmetric, group_size=group_size)
+    quantizer.initialize(weight, "minmax")
+    codes, scale, zero = quantizer.quantize(weight)
+    return codes, scale, zero
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, None, True), (4, 16, False), (3, 32, False)])
+def test_gptq_beats_round_to_nearest_on_the_output(bits, group_size, symmetric) -> None:
+    weight, inputs = _layer()
+    rtn_codes, scale, zero = _grid(weight, bits, group_size, symmetric)
+    codes = gptq_codes(weight, inputs.T @ inputs, scale, zero, bits)
+    expand = weight.shape[1] // scale.shape[1]
+
+    def output_error(c):
+        dequantized = dequantize_codes(c, scale.repeat_interleave(expand, 1), zero.repeat_interleave(expand, 1))
+        return (inputs @ (weight - dequantized).T).norm()
+
+    assert output_error(codes) < 0.8 * output_error(rtn_codes)
+    assert codes.max() <= 2**bits - 1  # the same grid: the packed format is unchanged
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 128])
+def test_an_identity_hessian_gives_round_to_nearest_exactly(block_size) -> None:
+    weight, _ = _layer(seed=1)
+    rtn_codes, scale, zero = _grid(weight, 4, 16, False)
+    for damp in (0.0, 0.01):
+        assert torch.equal(gptq_codes(weight, torch.eye(64), scale, zero, 4, damp=damp, block_size=block_size),
+                           rtn_codes)
+
+
+def test_block_size_does_not_change_the_codes_and_dead_inputs_are_handled() -> None:
+    weight, inputs = _layer(seed=2)
+    inputs[:, 5] = 0.0  # a channel that never fires
+    _, scale, zero = _grid(weight, 4, None, True)
+    hessian = inputs.T @ inputs
+    reference = gptq_codes(weight, hessian, scale, zero, 4, block_size=64)
+    assert torch.equal(gptq_codes(weight, hessian, scale, zero, 4, block_size=5), reference)
+    with pytest.raises(ValueError, match="hessian shape"):
+        gptq_codes(weight, hessian[:10, :10], scale, zero, 4)
