@@ -41,6 +41,11 @@ class QuantizeCLI(LightningCLI):
         self.summary: dict[str, Any] | None = None
         super().__init__(*args, **kwargs)
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Only ``fit``: Lightning's ``validate``/``test``/``predict`` have nothing to run on a layer-wise job."""
+        return {"fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"}}
+
     def add_arguments_to_parser(self, parser: Any) -> None:
         parser.add_class_arguments(PipelineConfig, "pipeline")
 

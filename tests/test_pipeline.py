@@ -428,3 +428,12 @@ def test_gptq_rounding_runs_end_to_end_and_reloads(workspace) -> None:
     tokens = torch.randint(0, 200, (1, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.isfinite(model(tokens).logits).all()
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
+def test_only_fit_is_offered(capsys, subcommand) -> None:
+    """Lightning's other subcommands ran nothing useful on a layer-wise job (issue 13)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main([subcommand, "--help"])
+    assert exit_info.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
