@@ -134,7 +134,7 @@ class BlockQuantConfig:
     ``rotation_init='hadamard'`` always uses the full dimension.
 
     The defaults are the structure that measured best on SmolLM2 (README,
-    *Rotation structures*): a fixed randomized Hadamard, then 16
+    *Rotation structures*): a fixed randomized Hadamard, then 32
     PCA-initialized reflections per online rotation.
     """
 
@@ -150,11 +150,11 @@ class BlockQuantConfig:
     kv_bits: int = 16
     kv_symmetric: bool = False
     rotation_structure: RotationStructure = "hadamard_householder"
-    qkv_reflections: int | None = 16
+    qkv_reflections: int | None = 32
     o_rotation: ORotationMode = "head"
     o_reflections: int | None = None
-    upgate_reflections: int | None = 16
-    down_reflections: int | None = 16
+    upgate_reflections: int | None = 32
+    down_reflections: int | None = 32
     kv_reflections: int | None = 0
     rotation_init: RotationInit = "pca"
     rotation_dtype: RotationDtype = "float16"
@@ -463,7 +463,7 @@ class HHDecoderBlock(nn.Module):
             unrotated = attended if self.o_rotation is None else rotate_blocks(attended, self.o_rotation, True)
             self._record("o", unrotated.reshape(batch, length, -1, self.head_dim) if self.o_rotation is not None
                          else unrotated)
-            self._record("o_proj", attended)  # o_proj's own input, for its GPTQ Hessian
+            self._record("o_proj", unrotated)  # o_proj's whole input, unrotated, for its GPTQ Hessian
         hidden_states = residual + linears["o_proj"](attended)
 
         residual = hidden_states

@@ -132,11 +132,16 @@ class HHLinear(nn.Module):
     @torch.no_grad()
     @torch.no_grad()
     def transformed_hessian(self, covariance: torch.Tensor) -> torch.Tensor:
-        """``X̃ᵀX̃`` of the transformed inputs ``x̃ = transform_input(x)``, from ``XᵀX`` (``covariance``, ``(in, in)``)."""
-        weight = self.transformed_weight()
-        covariance = covariance.to(device=weight.device, dtype=torch.float32)
-        once = self.transform.transform_input(covariance)               # C D⁻¹ R
-        return self.transform.transform_input(once.T.contiguous())      # Rᵀ D⁻¹ C D⁻¹ R (C symmetric)
+        """``X̃ᵀX̃`` of the inputs ``W̃`` multiplies, from ``XᵀX`` (``covariance``, ``(in, in)``) of the
+        layer's unrotated inputs ``x``: ``x̃ = transform_input(x · blockdiag(R_o))``, where a
+        ``prerotated_input`` ``R_o`` applies (the symmetric ``C`` is mapped on both sides)."""
+        def both_sides(matrix: torch.Tensor, apply) -> torch.Tensor:
+            return apply(apply(matrix).T.contiguous())
+
+        covariance = covariance.to(device=self.weight.device, dtype=torch.float32)
+        if self.prerotated_input is not None:
+            covariance = both_sides(covariance, lambda m: rotate_blocks(m, self.prerotated_input))
+        return both_sides(covariance, self.transform.transform_input)
 
     def fold(self, hessian: torch.Tensor | None = None, damp: float = 0.01) -> "FoldedLinear":
         """The deployable form: ``W̃`` quantized once to codes, the transform kept online.

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from hh_lightning.linear import HHLinear, InputTransform
+from hh_lightning.linear import HHLinear, InputTransform, rotate_blocks
 from hh_lightning.quantizers import ActivationQuantizer, WeightQuantizer
 from hh_lightning.rotation import HouseholderRotation
 
@@ -68,3 +68,20 @@ def test_mismatched_dims_raise() -> None:
         InputTransform(16, HouseholderRotation(8, 2))
     with pytest.raises(ValueError, match="in_features=12"):
         HHLinear(nn.Linear(12, 4), InputTransform(16))
+
+
+@pytest.mark.parametrize("smoothing", [False, True])
+@pytest.mark.parametrize("prerotated", [False, True])
+def test_transformed_hessian_is_that_of_the_inputs_w_tilde_multiplies(smoothing: bool, prerotated: bool) -> None:
+    """GPTQ's Hessian from the unrotated inputs' XᵀX equals X̃ᵀX̃ of what the folded weight really sees."""
+    torch.manual_seed(0)
+    transform = InputTransform(32, HouseholderRotation(32, 6, init="random", seed=1), smoothing=smoothing)
+    if smoothing:
+        with torch.no_grad():
+            transform.log_smoothing.normal_(0, 0.3)
+    head_rotation = HouseholderRotation(8, 8, init="random", seed=2) if prerotated else None
+    linear = HHLinear(nn.Linear(32, 16), transform, prerotated_input=head_rotation)
+    x = torch.randn(200, 32)
+    seen = x if head_rotation is None else rotate_blocks(x, head_rotation)  # what o_proj receives
+    seen = transform.transform_input(seen)
+    assert torch.allclose(linear.transformed_hessian(x.T @ x), seen.T @ seen, rtol=1e-4, atol=1e-3)
