@@ -116,8 +116,11 @@ def test_resume_after_a_stop_mid_layer_equals_uninterrupted(workspace, baseline,
     config = make_config(tmp, model_dir, name)
     path = write_config(tmp, config, name)
     run_dir = Path(config["pipeline"]["run_dir"])
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an ignored SIGINT: restore the
+    # default so the child sees Ctrl-C as a terminal user's run would, however this suite was started.
     process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "fit", "--config", str(path)],
-                               cwd=REPO, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               cwd=REPO, env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     checkpoint = run_dir / "checkpoints" / "layer_001" / "last.ckpt"
     deadline = time.monotonic() + 300
     while not checkpoint.exists() and process.poll() is None and time.monotonic() < deadline:
