@@ -199,7 +199,10 @@ class FileLock:
         self.release()
 
     def __del__(self) -> None:
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 — at interpreter exit os may already be torn down; the kernel frees it
+            pass
 
 
 @contextlib.contextmanager
