@@ -130,7 +130,6 @@ class HHLinear(nn.Module):
         return self.forward_transformed(self.transform(x))
 
     @torch.no_grad()
-    @torch.no_grad()
     def transformed_hessian(self, covariance: torch.Tensor) -> torch.Tensor:
         """``X̃ᵀX̃`` of the inputs ``W̃`` multiplies, from ``XᵀX`` (``covariance``, ``(in, in)``) of the
         layer's unrotated inputs ``x``: ``x̃ = transform_input(x · blockdiag(R_o))``, where a
@@ -143,6 +142,7 @@ class HHLinear(nn.Module):
             covariance = both_sides(covariance, lambda m: rotate_blocks(m, self.prerotated_input))
         return both_sides(covariance, self.transform.transform_input)
 
+    @torch.no_grad()
     def fold(self, hessian: torch.Tensor | None = None, damp: float = 0.01) -> "FoldedLinear":
         """The deployable form: ``W̃`` quantized once to codes, the transform kept online.
 

@@ -48,8 +48,9 @@ def test_fold_without_weight_quantization_keeps_float_weight() -> None:
     torch.manual_seed(2)
     linear = nn.Linear(16, 8)
     wrapped = HHLinear(linear, InputTransform(16, HouseholderRotation(16, 4, init="random")))
-    folded = wrapped.fold()
+    folded = wrapped.fold()  # with gradients enabled: the float weight must still be a plain tensor
     assert folded.codes is None
+    assert not folded.weight.requires_grad
     x = torch.randn(5, 16)
     with torch.no_grad():
         assert torch.allclose(folded(x), linear(x), atol=1e-5)
