@@ -31,6 +31,7 @@ from .models import (
     embedded_model_dir,
     load_model,
     looks_local,
+    weights_fingerprint,
 )
 from .text import (
     WIKITEXT_SPLITS,
@@ -139,12 +140,13 @@ class BlockActivationDataModule(L.LightningDataModule):
         attention = attention_implementations()
         if attn_implementation is not None and attn_implementation not in attention:
             raise ValueError(f"data.attn_implementation={attn_implementation!r} is not one of {attention}")
-        try:
-            parsed = torch.device(device) if device != "auto" else None
-        except RuntimeError:
-            parsed = None
-        if device != "auto" and (parsed is None or parsed.type not in ("cpu", "cuda")):
-            raise ValueError(f"data.device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if device != "auto":
+            try:
+                kind = torch.device(device).type
+            except RuntimeError:
+                kind = None
+            if kind not in ("cpu", "cuda"):
+                raise ValueError(f"data.device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
         self.layer_index = 0
         self.input_path: Path | None = None
         self.manifest: CacheManifest | None = None
@@ -206,6 +208,12 @@ class BlockActivationDataModule(L.LightningDataModule):
             parameter.requires_grad_(False)
         self.hparams.model = f"{IN_MEMORY_PREFIX}{getattr(model.config, '_name_or_path', '') or model.config.model_type}"
         self.__dict__["fp_model_and_tokenizer"] = (model.eval(), tokenizer)
+        self.__dict__.pop("weights_sha256", None)  # of the model this replaces
+
+    @cached_property
+    def weights_sha256(self) -> str:
+        """``models.weights_fingerprint`` of the FP model, computed once (the run identity asks repeatedly)."""
+        return weights_fingerprint(self.fp_model)
 
     @property
     def fp_model(self) -> Any:

@@ -14,8 +14,8 @@ A saved directory holds:
   reflection vectors, Kronecker factor vectors, int8 signs; fixed Hadamard
   factors are rebuilt from the dimension. ``fold_`` rounds the learned values
   to ``quant.rotation_dtype`` before folding, so they are stored in 16 bits
-  with no loss and the folded weights match them exactly. Embeddings, lm_head and the final
-  norm are stored in 16 bits (``_sixteen_bit``). Tensors that are one object
+  with no loss and the folded weights match them exactly. Embeddings,
+  lm_head and the final norm are stored in 16 bits (``_sixteen_bit``). Tensors that are one object
   in the model (q/k/v's shared transform, tied embeddings) are stored once;
   the others are listed as ``aliases``. Weightless norms (``γ = 1``) and the
   head-mode ``R_o`` (merged into ``v_proj``/``o_proj`` at fold time) are left

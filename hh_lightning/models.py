@@ -17,6 +17,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import transformers
@@ -93,9 +94,10 @@ def check_model_path(source: str, gguf_file: str | None = None) -> tuple[Path, s
         raise ValueError(f"{config_path} is not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{config_path} holds a {type(config).__name__}, not a model config")
-    if config.get("model_type") not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{config_path}: unsupported model_type {config.get('model_type')!r}; "
-                         f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    try:
+        check_supported(SimpleNamespace(model_type=config.get("model_type")))
+    except ValueError as error:
+        raise ValueError(f"{config_path}: {error}") from None
     return path, None
 
 

@@ -46,6 +46,18 @@ def listed_devices(trainer_kwargs: dict[str, Any]) -> list[int] | None:
     return None
 
 
+def named_device_count(trainer_kwargs: dict[str, Any]) -> int | None:
+    """How many devices ``trainer.devices`` names (a list, ``"2,3"``, or a count such as ``2``);
+    ``None`` for ``auto`` or ``-1``, which depend on the machine."""
+    listed = listed_devices(trainer_kwargs)
+    if listed is not None:
+        return len(listed)
+    devices = trainer_kwargs.get("devices", "auto")
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    return devices if isinstance(devices, int) and devices >= 0 else None
+
+
 def _gpu_of_rank(trainer_kwargs: dict[str, Any], rank: int) -> torch.device:
     """Worker ``rank``'s GPU: the ``rank``-th of the listed devices, else GPU ``rank``."""
     listed = listed_devices(trainer_kwargs)
@@ -77,14 +89,9 @@ class WorkerInfo:
 
     @staticmethod
     def world_size_for(trainer_kwargs: dict[str, Any]) -> int:
-        listed = listed_devices(trainer_kwargs)
-        if listed is not None:
-            return len(listed)
-        devices = trainer_kwargs.get("devices", "auto")
-        if isinstance(devices, str) and devices.isdigit():
-            devices = int(devices)
-        if isinstance(devices, int) and devices > 0:
-            return devices
+        named = named_device_count(trainer_kwargs)
+        if named:
+            return named
         return max(torch.cuda.device_count(), 1) if _uses_gpu(trainer_kwargs) else 1
 
     def wait_for(self, predicate: Callable[[], bool], what: str) -> None:

@@ -45,9 +45,9 @@ from .files import (
     remove_leftovers,
     write_text_atomic,
 )
-from .models import config_hash, weights_fingerprint
+from .models import config_hash
 from .module import LayerRecipe
-from .parallel import WorkerInfo, listed_devices, run_in_processes
+from .parallel import WorkerInfo, named_device_count, run_in_processes
 from .text import WIKITEXT_SPLITS, tokenize_text
 
 log = logging.getLogger(__name__)
@@ -179,12 +179,11 @@ class QuantizationRun:
         """Trainer settings the pipeline cannot honor, or that would train nothing."""
         for key, value in self.driver_trainer_settings.items():
             raise ValueError(f"trainer.{key}={value!r} is not supported: {DRIVER_TRAINER_REASONS[key]}; remove it")
-        devices = self.trainer_kwargs.get("devices", "auto")
-        listed = listed_devices(self.trainer_kwargs)
-        count = len(listed) if listed is not None else (int(devices) if str(devices).isdigit() else None)
+        count = named_device_count(self.trainer_kwargs)
         if count is not None and count > 1 and not self.pipeline.layer_parallel:
-            raise ValueError(f"trainer.devices={devices!r} names {count} devices, but each layer trains on one; "
-                             "set pipeline.layer_parallel=true to spread the layers over them, or name one device")
+            raise ValueError(f"trainer.devices={self.trainer_kwargs['devices']!r} names {count} devices, but each "
+                             "layer trains on one; set pipeline.layer_parallel=true to spread the layers over "
+                             "them, or name one device")
         epochs, steps = self.trainer_kwargs.get("max_epochs"), self.trainer_kwargs.get("max_steps")
         if steps is not None and (steps == 0 or steps < -1):
             raise ValueError(f"trainer.max_steps={steps} must be >= 1 (or -1 for no limit)")
@@ -216,7 +215,7 @@ class QuantizationRun:
         # The windows' hash tells WikiText from a generated-text fallback or another text file.
         return {"model": hp.model, "gguf_file": hp.gguf_file,
                 "config_sha256": config_hash(self.datamodule.fp_model.config),
-                "weights_sha256": weights_fingerprint(self.datamodule.fp_model),
+                "weights_sha256": self.datamodule.weights_sha256,
                 "windows_sha256": windows_sha256(self.datamodule.windows),
                 "quant": self.recipe.quant.to_dict(), "optim": asdict(self.recipe.optim), "data": data,
                 "trainer": {k: self.trainer_kwargs.get(k) for k in RESULT_TRAINER_KEYS}, "layers": self.layers}

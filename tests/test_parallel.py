@@ -43,3 +43,9 @@ def test_round_robin_shares_cover_every_layer_once(world_size) -> None:
 def test_one_device_per_layer_trainer() -> None:
     assert WorkerInfo(device=torch.device("cuda", 3)).trainer_overrides()["devices"] == [3]
     assert WorkerInfo().trainer_overrides() == {"accelerator": "cpu", "devices": 1, "num_nodes": 1, "strategy": "auto"}
+
+
+@pytest.mark.parametrize("devices,expected", [([2, 3], 2), ("0,1,2", 3), (4, 4), ("3", 3), (0, 0), ("auto", None),
+                                              (-1, None)])
+def test_named_device_count(devices, expected) -> None:
+    assert parallel.named_device_count({"devices": devices}) == expected
