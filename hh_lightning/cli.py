@@ -17,20 +17,13 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
+from .commands import INPUT_ERRORS
+from .commands import refuse as _refuse
 from .datamodule import BlockActivationDataModule
 from .files import DirectoryLocked
 from .module import HHBlockModule, LayerRecipe
 from .parallel import WorkerInfo, launcher_worker
 from .pipeline import PipelineConfig, QuantizationRun, RunInterrupted
-
-# Errors of the checks that run before any heavy work: printed as one line, exit code 2.
-INPUT_ERRORS = (ValueError, FileNotFoundError)
-
-
-def _refuse(error: Exception) -> None:
-    """Bad input: one line on stderr, exit code 2, nothing written."""
-    print(f"error: {error}", file=sys.stderr)
-    raise SystemExit(2) from None
 
 
 class QuantizeCLI(LightningCLI):

@@ -2,7 +2,12 @@
 
 A saved directory holds:
 
-* ``config.json`` (and ``generation_config.json``): the transformers config.
+* ``config.json`` (and ``generation_config.json``): the transformers config,
+  plus ``quantization_config`` (``quant_method: hh_lightning``) and a load guard,
+  so that ``AutoModelForCausalLM.from_pretrained`` loads the export after
+  ``import hh_lightning`` and refuses it, naming the package, without
+  (``hf_integration.py``). Exports saved before these keys still load with
+  ``load_quantized``.
 * the tokenizer's files, when one is given.
 * ``model.safetensors``: every tensor the folded model needs, named as in its
   ``state_dict``. A quantized linear's ``codes`` are bit-packed (``pack_codes``,
@@ -53,6 +58,7 @@ from torch import nn
 from . import __version__
 from .block import BlockQuantConfig, HHDecoderBlock, wrap_model
 from .files import content_sha256, file_record, fsync_path, verify_file_record
+from .hf_integration import LOAD_GUARD_KEY
 from .linear import FoldedLinear
 
 __all__ = [
@@ -425,6 +431,20 @@ def model_storage_dtype(config: Any) -> torch.dtype:
     return dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
 
 
+def _add_transformers_entries(config_path: Path, quant: dict[str, Any], dtype: torch.dtype) -> None:
+    """Write ``quantization_config`` and the load guard into a saved ``config.json`` (``hf_integration``).
+
+    ``PretrainedConfig.save_pretrained`` drops ``transformers_weights``, so both
+    keys are added to the written file; the model's own config is left as it is.
+    """
+    from .hf_integration import transformers_config_entries
+
+    values = json.loads(config_path.read_text(encoding="utf-8"))
+    values.update(transformers_config_entries({"block_quant_config": quant, "format_version": FORMAT_VERSION,
+                                               "hh_lightning_version": __version__, "dtype": _dtype_name(dtype)}))
+    _write_json(config_path, values)
+
+
 def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None,
                    extra_metadata: dict[str, Any] | None = None,
                    storage_dtype: torch.dtype | None = None) -> Path:
@@ -467,6 +487,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
     staging.mkdir()
     try:
         model.config.save_pretrained(staging)
+        _add_transformers_entries(staging / "config.json", global_quant, embedding.dtype)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(staging)
@@ -579,6 +600,9 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
         verify_file_record(directory / name, record)
 
     config = AutoConfig.from_pretrained(directory)
+    # The entries that route from_pretrained through hf_integration; a model built here needs neither.
+    for key in ("quantization_config", LOAD_GUARD_KEY):
+        config.__dict__.pop(key, None)
     model = AutoModelForCausalLM.from_config(config, dtype=_dtype_from_name(meta["dtype"]))
     layers = _decoder_layers(model)
     if len(layers) != len(meta["layers"]):

@@ -63,9 +63,10 @@ def test_pack_rejects_bad_input() -> None:
 STRUCTURE_INIT = {"householder": "pca", "kronecker": "hadamard", "hadamard_householder": "pca"}
 
 
-def _w4a4_model(model_type: str, structure: str = "householder") -> nn.Module:
-    """An initialized, folded W4A4KV4 model (Qwen2: head R_o, tied; Llama: full R_o, untied lm_head)."""
-    model = tiny_model(model_type, **SIZES)
+def _w4a4_model(model_type: str, structure: str = "householder", **sizes) -> nn.Module:
+    """An initialized, folded W4A4KV4 model (Qwen2: head R_o, tied; Llama: full R_o, untied lm_head);
+    ``sizes`` override the config's (``vocab_size=len(tokenizer)``)."""
+    model = tiny_model(model_type, **{**SIZES, **sizes})
     if model_type == "llama":
         model.config.tie_word_embeddings = False
         model.lm_head.weight = nn.Parameter((model.lm_head.weight.detach().clone() + 0.01).bfloat16().float())
