@@ -113,6 +113,9 @@ class HHBlockModule(L.LightningModule):
         self._source: tuple[nn.Module, object, nn.Module] | None = None
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("mse_init", torch.full((), float("nan")))
+        # The trainable values the fit starts from, so export can keep them if training made the
+        # block worse; carried in the checkpoint, since a resumed fit never sees the start.
+        self.initial_state: dict[str, torch.Tensor] | None = None
         self.val_mse = MeanSquaredError()
 
     def attach_source(self, layer: nn.Module, config: object, rotary_emb: nn.Module) -> None:
@@ -150,7 +153,28 @@ class HHBlockModule(L.LightningModule):
             loader = self.trainer.datamodule.val_dataloader()
             self.mse_init.fill_(block_mse(self.block, loader, self.device))
             self.initialized.fill_(True)
+            self.initial_state = self.trainable_state()
             self.log("val/mse_init", self.mse_init.item())
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the block's trainable values (reflections, smoothing, clip ratios), by name."""
+        return {name: parameter.detach().clone() for name, parameter in self.block.named_parameters()
+                if parameter.requires_grad}
+
+    @torch.no_grad()
+    def load_trainable_state_(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the block's trainable values to ``state`` (from ``trainable_state``), in place."""
+        parameters = dict(self.block.named_parameters())
+        for name, value in state.items():
+            parameters[name].copy_(value)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.initial_state is not None:
+            checkpoint["initial_trainable_state"] = self.initial_state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Absent in checkpoints written before the trained-vs-initial comparison: export then keeps the trained.
+        self.initial_state = checkpoint.get("initial_trainable_state")
 
     def configure_optimizers(self):
         groups = self.block.parameter_groups()
