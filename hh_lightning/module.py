@@ -17,10 +17,14 @@ from .block import BlockQuantConfig, HHDecoderBlock
 
 @dataclass
 class OptimConfig:
-    """AdamW with two parameter groups and a cosine decay to ``lr · min_lr_ratio``.
+    """AdamW with two parameter groups, an optional linear warm-up, and a cosine decay to ``lr · min_lr_ratio``.
 
     Defaults follow FlatQuant's recipe: transforms (reflections, smoothing) at
-    ``lr_transforms``, clip ratios at ``lr_clips``.
+    ``lr_transforms``, clip ratios at ``lr_clips``. The reflection vectors are kept at
+    norm ``√d`` (``rotation.normalize_vectors``), so an AdamW step of size ``lr`` turns a
+    reflection by about ``lr`` radians whatever the rotation's dimension, and AdamW's
+    update does not depend on the loss's scale: one lr serves blocks of any width and
+    activation scale.
 
     Args:
         lr_transforms: peak learning rate of the rotations and smoothing scales (>= 0).
@@ -28,6 +32,10 @@ class OptimConfig:
         weight_decay: AdamW weight decay (>= 0).
         min_lr_ratio: the cosine schedule ends at ``lr · min_lr_ratio``, in (0, 1].
         betas: AdamW's two moment decays, each in [0, 1).
+        warmup_ratio: the share of each layer's steps over which the lr rises linearly
+            from 0 to its peak before the cosine decay, in [0, 1). AdamW's first steps are
+            full-size whatever the gradient, so a warm-up keeps them from knocking a good
+            PCA or Hadamard start off course.
     """
 
     lr_transforms: float = 5e-3
@@ -35,6 +43,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     min_lr_ratio: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
+    warmup_ratio: float = 0.0
 
     def validate(self) -> None:
         """One-line errors naming the field: a negative lr would train the error upward."""
@@ -46,6 +55,8 @@ class OptimConfig:
             raise ValueError(f"model.optim.min_lr_ratio={self.min_lr_ratio} must be in (0, 1]")
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"model.optim.betas={tuple(self.betas)} must be two numbers in [0, 1)")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"model.optim.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
 
 
 @dataclass
@@ -65,9 +76,12 @@ class LayerRecipe:
         return HHBlockModule(quant=self.quant, optim=self.optim, layer_index=layer_index)
 
 
-def cosine_factor(step: int, total_steps: int, min_ratio: float) -> float:
-    """Multiplier of the base lr at ``step``: 1 at step 0, ``min_ratio`` at ``total_steps``."""
-    progress = min(step / max(total_steps, 1), 1.0)
+def cosine_factor(step: int, total_steps: int, min_ratio: float, warmup_steps: int = 0) -> float:
+    """Multiplier of the base lr at ``step``: ``(step + 1) / (warmup_steps + 1)`` during the warm-up,
+    then a cosine from 1 (at ``warmup_steps``) to ``min_ratio`` (at ``total_steps``)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -183,6 +197,7 @@ class HHBlockModule(L.LightningModule):
              {"params": groups["clips"], "lr": self.optim.lr_clips, "name": "clips"}],
             weight_decay=self.optim.weight_decay, betas=self.optim.betas)
         total_steps = int(self.trainer.estimated_stepping_batches)
+        warmup_steps = int(self.optim.warmup_ratio * total_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cosine_factor(step, total_steps, self.optim.min_lr_ratio))
+            optimizer, lambda step: cosine_factor(step, total_steps, self.optim.min_lr_ratio, warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
