@@ -576,8 +576,16 @@ def _set_linear_buffers(module: FoldedLinear, entry: dict[str, Any], key: str,
         module.weight, module.codes, module.scale, module.zero = weight, None, None, None
 
 
-def load_quantized(directory: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
+LOAD_KERNELS = (None, "int4")
+
+
+def load_quantized(directory: str | os.PathLike, *, device: str | torch.device = "cpu",
+                   kernels: str | None = None) -> nn.Module:
     """Rebuild a runnable folded model saved by ``save_quantized``.
+
+    ``kernels``: ``None`` (default) keeps the dequantizing ``FoldedLinear``s;
+    ``"int4"`` serves every 4-bit linear through the packed-int4 matmul
+    (``kernels.use_int4_kernels_``: grids it cannot take stay dequantizing, with a warning).
 
     Checks ``quantization_config.json`` against its ``content_sha256`` and every recorded file
     (``model.safetensors``, ``config.json``) against its size and sha256 first
@@ -587,6 +595,8 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    if kernels not in LOAD_KERNELS:
+        raise ValueError(f"kernels={kernels!r}: use one of {LOAD_KERNELS}")
     directory = Path(directory)
     meta = _read_quant_config(directory)
     weights_path = directory / WEIGHTS_NAME
@@ -648,7 +658,12 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
         model.generation_config = GenerationConfig.from_pretrained(directory)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if kernels == "int4":
+        from .kernels import use_int4_kernels_
+
+        use_int4_kernels_(model)
+    return model
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,324 @@
+"""Packed-int4 weight kernels for folded models: run the saved codes without a dense weight.
+
+A ``FoldedLinear`` dequantizes ``Ŵ = (codes − zero) · scale`` at every call.
+``Int4Linear`` keeps the codes packed two to a byte and multiplies through
+torch's own int4 weight-only matmul (``torch.ops.aten._weight_int4pack_mm_for_cpu``
+on the CPU; tinygemm's ``_weight_int4pack_mm`` on CUDA, the kernel torchao's int4
+configs call; untested here). Rotations and smoothing stay online in the
+``InputTransform``; the activations are not quantized (W4A16).
+
+The kernels' grid is ``w = (q − 8) · s_k + z_k`` per group of ``g`` input
+channels (``g`` ∈ ``KERNEL_GROUP_SIZES``), with ``s_k``/``z_k`` in the
+activations' dtype. Our grid ``Ŵ = (q − z) · s`` maps onto it exactly in real
+arithmetic with ``s_k = s`` and ``z_k = (8 − z) · s`` (HQQ's real-valued zeros
+included). A per-channel grid is a group grid whose scale repeats over every
+group; here its scale is applied after the kernel instead (``s_k = 1``,
+``z_k = 8 − z``, ``y ← y · s`` in float32), so a symmetric per-channel grid
+(``z = 8``: ``z_k = 0``) reaches the kernel with no rounding at all, even in bf16.
+
+The CPU kernel is fast only with bf16 activations (fp32 and fp16 run a scalar
+path, ~300-500× slower on an AVX-512 CPU, ``benchmarks/deploy_speed.py`` notes):
+``compute_dtype`` defaults to bf16, so each output carries bf16 rounding
+(relative ~2⁻⁹) against the float32 dequantizing path; ``torch.float32`` computes
+``(q − 8)·s + z`` in float32 (≤ a few ulp from ``Ŵ``) for checks.
+
+Each ``Int4Linear`` also keeps the exact grid (``scale``, ``zero`` in their
+smallest lossless dtype, as the export stores them), so ``dequantized_weight()``
+reproduces the ``FoldedLinear``'s weight bit for bit and ``to_folded()`` gives
+it back.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .linear import FoldedLinear, InputTransform
+from .quantizers import dequantize_codes
+
+__all__ = ["KERNEL_BITS", "KERNEL_GROUP_SIZES", "Int4Layout", "Int4LayoutError", "Int4Linear",
+           "KernelReport", "int4_layout", "kernel_group_size", "layout_codes", "serve_weight_only_",
+           "use_int4_kernels_"]
+
+KERNEL_BITS = 4
+# What _weight_int4pack_mm_for_cpu accepts (torch 2.13); tinygemm on CUDA takes the same.
+KERNEL_GROUP_SIZES = (32, 64, 128, 256)
+# The kernels' fixed integer midpoint: w = (q - KERNEL_MIDPOINT) · s + z.
+KERNEL_MIDPOINT = 8
+# _convert_weight_to_int4pack_for_cpu packs rows in blocks: out_features must be a multiple of this.
+CPU_ROW_MULTIPLE = 16
+# tinygemm's packing (CUDA): innerKTiles ∈ {8, 4, 2}, in_features a multiple of 16 · innerKTiles.
+CUDA_INNER_K_TILES = (8, 4, 2)
+CUDA_K_TILE = 16
+DEFAULT_COMPUTE_DTYPE = torch.bfloat16
+
+
+class Int4LayoutError(ValueError):
+    """A grid the int4 kernels cannot take (bits, group size, shape); the message says which."""
+
+
+def kernel_group_size(in_features: int, group_size: int | None) -> int:
+    """The kernel group size for a grid with ``group_size`` (``None``: per output channel).
+
+    A per-channel grid takes the largest ``KERNEL_GROUP_SIZES`` entry dividing
+    ``in_features`` (its scale, repeated over the groups, is the same grid).
+    """
+    if group_size is None:
+        for size in sorted(KERNEL_GROUP_SIZES, reverse=True):
+            if in_features % size == 0:
+                return size
+        raise Int4LayoutError(f"per-channel grid with in_features={in_features}: the int4 kernel needs "
+                              f"in_features divisible by one of {KERNEL_GROUP_SIZES}")
+    if group_size not in KERNEL_GROUP_SIZES:
+        raise Int4LayoutError(f"group_size={group_size}: the int4 kernel takes group sizes {KERNEL_GROUP_SIZES} "
+                              "or per-channel grids")
+    return group_size
+
+
+def _cuda_inner_k_tiles(in_features: int) -> int:
+    for tiles in CUDA_INNER_K_TILES:
+        if in_features % (CUDA_K_TILE * tiles) == 0:
+            return tiles
+    raise Int4LayoutError(f"in_features={in_features}: tinygemm needs a multiple of "
+                          f"{CUDA_K_TILE * min(CUDA_INNER_K_TILES)}")
+
+
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    """The kernel's packed weight from uint8 codes ``(out, in)`` (on their device)."""
+    if codes.device.type == "cuda":  # pragma: no cover - no GPU on the test machines
+        # tinygemm takes (out, in/2) uint8 with the even column in the high nibble.
+        pairs = (codes[:, ::2] << 4) | codes[:, 1::2]
+        return torch.ops.aten._convert_weight_to_int4pack(pairs.contiguous(), _cuda_inner_k_tiles(codes.shape[1]))
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32).contiguous(), 1)
+
+
+def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor) -> torch.Tensor:
+    """``x (M, in)`` times the packed weight: ``(M, out)`` in ``x``'s dtype."""
+    if x.device.type == "cuda":  # pragma: no cover - no GPU on the test machines
+        return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scale_and_zero)
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)
+
+
+@dataclass
+class Int4Layout:
+    """A grid in the int4 kernels' layout.
+
+    Args:
+        packed: the kernel's packed codes (CPU: uint8 ``(out, in/2)``, torch's blocked order).
+        scale_and_zero: ``(in/g, out, 2)`` in the compute dtype: ``s_k`` and ``z_k`` of
+            ``w = (q − 8)·s_k + z_k``.
+        out_scale: float32 ``(out,)`` applied to the kernel's output (per-channel grids), or ``None``.
+        group_size: the kernel's ``g``.
+        shape: ``(out, in)``.
+    """
+
+    packed: torch.Tensor
+    scale_and_zero: torch.Tensor
+    out_scale: torch.Tensor | None
+    group_size: int
+    shape: tuple[int, int]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.scale_and_zero.dtype
+
+
+def int4_layout(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE) -> Int4Layout:
+    """Our grid ``Ŵ = (codes − zero) · scale`` (codes uint8 ``(out, in)``, scale/zero
+    ``(out, groups)``) in the kernels' layout; raises ``Int4LayoutError`` where it cannot."""
+    if bits != KERNEL_BITS:
+        raise Int4LayoutError(f"bits={bits}: the int4 kernel takes {KERNEL_BITS}-bit codes only")
+    if codes.dim() != 2 or codes.dtype != torch.uint8:
+        raise Int4LayoutError(f"codes must be uint8 (out, in), got {codes.dtype} of shape {tuple(codes.shape)}")
+    out_features, in_features = codes.shape
+    groups = scale.shape[1]
+    if in_features % groups:
+        raise Int4LayoutError(f"{groups} groups do not divide in_features={in_features}")
+    per_channel = groups == 1
+    group_size = kernel_group_size(in_features, None if per_channel else in_features // groups)
+    if codes.device.type == "cuda":  # pragma: no cover
+        _cuda_inner_k_tiles(in_features)
+    elif out_features % CPU_ROW_MULTIPLE:
+        raise Int4LayoutError(f"out_features={out_features}: the CPU int4 kernel needs a multiple of "
+                              f"{CPU_ROW_MULTIPLE}")
+    scale, zero = scale.float(), zero.float()
+    if per_channel:
+        # The scale moves after the kernel (exact in float32); the kernel sees unit steps.
+        kernel_scale, kernel_zero = torch.ones_like(scale), KERNEL_MIDPOINT - zero
+        out_scale = scale[:, 0].contiguous()
+        kernel_groups = in_features // group_size
+        kernel_scale, kernel_zero = kernel_scale.expand(-1, kernel_groups), kernel_zero.expand(-1, kernel_groups)
+    else:
+        kernel_scale, kernel_zero, out_scale = scale, (KERNEL_MIDPOINT - zero) * scale, None
+    scale_and_zero = torch.stack([kernel_scale.T, kernel_zero.T], dim=-1).to(compute_dtype).contiguous()
+    return Int4Layout(packed=_pack(codes), scale_and_zero=scale_and_zero, out_scale=out_scale,
+                      group_size=group_size, shape=(out_features, in_features))
+
+
+def layout_codes(layout: Int4Layout) -> torch.Tensor:
+    """The uint8 codes ``(out, in)`` read back through the kernel itself.
+
+    Multiplies the identity by the packed weight with ``s_k = 1``, ``z_k = 8``:
+    the output is ``q`` exactly (small integers), so this checks the packing
+    and the kernel's reading of it together.
+    """
+    out_features, in_features = layout.shape
+    dtype = layout.compute_dtype
+    unit = torch.stack([torch.ones(in_features // layout.group_size, out_features),
+                        torch.full((in_features // layout.group_size, out_features), float(KERNEL_MIDPOINT))],
+                       dim=-1).to(dtype=dtype, device=layout.packed.device)
+    eye = torch.eye(in_features, dtype=dtype, device=layout.packed.device)
+    return _int4_mm(eye, layout.packed, layout.group_size, unit).T.round().to(torch.uint8)
+
+
+class Int4Linear(nn.Module):
+    """A ``FoldedLinear`` served through the packed-int4 kernel: ``y = K(x̃) (· s) + b``.
+
+    ``transform`` is the (shared) online input transform, applied as in
+    ``FoldedLinear``; ``scale``/``zero`` hold the exact grid (``dequantized_weight``).
+    Inputs of any float dtype and shape ``(..., in)``; the kernel runs in
+    ``layout.compute_dtype`` and the output returns in the input's dtype.
+    """
+
+    def __init__(self, transform: InputTransform, layout: Int4Layout, scale: torch.Tensor, zero: torch.Tensor,
+                 bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.transform = transform
+        self.out_features, self.in_features = layout.shape
+        self.bits = KERNEL_BITS
+        self.kernel_group_size = layout.group_size
+        self.register_buffer("packed", layout.packed)
+        self.register_buffer("scale_and_zero", layout.scale_and_zero)
+        self.register_buffer("out_scale", layout.out_scale)
+        self.register_buffer("bias", bias)
+        # The exact grid in its smallest lossless dtype (as the export stores it), cast back on use.
+        from .export import _compact
+
+        self.grid_dtypes = (scale.dtype, zero.dtype)
+        self.register_buffer("scale", _compact(scale).to(scale.device))
+        self.register_buffer("zero", _compact(zero).to(zero.device))
+
+    @classmethod
+    def from_folded(cls, folded: FoldedLinear,
+                    compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE) -> "Int4Linear":
+        """The kernel form of a quantized ``folded``; ``Int4LayoutError`` where the grid does not fit."""
+        if folded.codes is None:
+            raise Int4LayoutError("the linear holds a float weight, not codes")
+        layout = int4_layout(folded.codes, folded.scale, folded.zero, folded.bits, compute_dtype)
+        return cls(folded.transform, layout, folded.scale, folded.zero, bias=folded.bias)
+
+    @property
+    def layout(self) -> Int4Layout:
+        return Int4Layout(self.packed, self.scale_and_zero, self.out_scale, self.kernel_group_size,
+                          (self.out_features, self.in_features))
+
+    @property
+    def group_size(self) -> int | None:
+        return None if self.scale.shape[1] == 1 else self.in_features // self.scale.shape[1]
+
+    def grid(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The exact ``(scale, zero)``, ``(out, groups)``, in their original dtypes."""
+        return self.scale.to(self.grid_dtypes[0]), self.zero.to(self.grid_dtypes[1])
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """``(codes − zero) · scale`` from the packed codes and the exact grid: ``FoldedLinear``'s weight."""
+        scale, zero = self.grid()
+        codes = layout_codes(self.layout).reshape(self.out_features, scale.shape[1], -1)
+        weight = dequantize_codes(codes, scale.unsqueeze(-1), zero.unsqueeze(-1))
+        return weight.reshape(self.out_features, self.in_features)
+
+    def to_folded(self) -> FoldedLinear:
+        """The dequantizing ``FoldedLinear`` this was made from (same transform, codes, grid)."""
+        scale, zero = self.grid()
+        return FoldedLinear(self.transform, bias=self.bias, codes=layout_codes(self.layout), scale=scale,
+                            zero=zero, bits=self.bits)
+
+    def forward_transformed(self, x_transformed: torch.Tensor) -> torch.Tensor:
+        """The output for an input already passed through the shared transform."""
+        leading = x_transformed.shape[:-1]
+        rows = x_transformed.reshape(-1, self.in_features).to(self.scale_and_zero.dtype)
+        out = _int4_mm(rows, self.packed, self.kernel_group_size, self.scale_and_zero).to(x_transformed.dtype)
+        if self.out_scale is not None:
+            out = out * self.out_scale.to(out.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.reshape(*leading, self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_transformed(self.transform(x))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
+                f"kernel_group_size={self.kernel_group_size}, compute_dtype={self.scale_and_zero.dtype}")
+
+
+@dataclass
+class KernelReport:
+    """What ``use_int4_kernels_`` did, by linear name (``model.layers.i.linears.q_proj``).
+
+    Args:
+        int4: linears now served by ``Int4Linear``.
+        fallback: ``{name: reason}`` of quantized linears left dequantizing (each warned about).
+        dense: linears holding a float weight (nothing to pack).
+    """
+
+    int4: list[str] = field(default_factory=list)
+    fallback: dict[str, str] = field(default_factory=dict)
+    dense: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, object]:
+        return {"int4": list(self.int4), "fallback": dict(self.fallback), "dense": list(self.dense)}
+
+
+@torch.no_grad()
+def use_int4_kernels_(model: nn.Module, compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE) -> KernelReport:
+    """Replace every quantized ``FoldedLinear`` of ``model``'s folded blocks by an ``Int4Linear``
+    (in place). Grids the kernel cannot take stay dequantizing, with a warning naming the linear
+    and the reason. Returns the ``KernelReport``."""
+    from .block import HHDecoderBlock
+
+    report = KernelReport()
+    blocks = [(name, module) for name, module in model.named_modules() if isinstance(module, HHDecoderBlock)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no HHDecoderBlock: load or fold a quantized model first")
+    for prefix, block in blocks:
+        if not block.is_folded and not any(isinstance(linear, Int4Linear) for linear in block.linears.values()):
+            raise ValueError(f"{prefix} is not folded: call block.fold_() before using the int4 kernels")
+        for name, linear in block.linears.items():
+            key = f"{prefix}.linears.{name}"
+            if isinstance(linear, Int4Linear):
+                report.int4.append(key)
+                continue
+            if linear.codes is None:
+                report.dense.append(key)
+                continue
+            try:
+                block.linears[name] = Int4Linear.from_folded(linear, compute_dtype)
+                report.int4.append(key)
+            except Int4LayoutError as error:
+                report.fallback[key] = str(error)
+                warnings.warn(f"{key}: {error}; it keeps the dequantizing FoldedLinear", stacklevel=2)
+    return report
+
+
+def serve_weight_only_(model: nn.Module) -> nn.Module:
+    """Serve a W4A4 (or WxAyKVz) folded model as W·A16: every activation and KV-cache quantizer
+    off, rotations and smoothing kept online; in place, returns the model."""
+    import dataclasses
+
+    from .block import HHDecoderBlock
+    from .quantizers import OFF_BITS, ActivationQuantizer
+
+    for module in model.modules():
+        if isinstance(module, InputTransform):
+            module.act_quantizer = ActivationQuantizer(bits=OFF_BITS)
+        elif isinstance(module, HHDecoderBlock):
+            module.k_quantizer = ActivationQuantizer(bits=OFF_BITS)
+            module.v_quantizer = ActivationQuantizer(bits=OFF_BITS)
+            module.quant = dataclasses.replace(module.quant, a_bits=OFF_BITS, kv_bits=OFF_BITS)
+    return model
+

@@ -1,0 +1,144 @@
+"""Packed-int4 kernels: the layout reproduces our grids exactly, and the kernel linear matches
+the dequantizing one."""
+
+import warnings
+
+import pytest
+import torch
+from tiny_models import tiny_model
+
+from hh_lightning.block import BlockQuantConfig, wrap_model
+from hh_lightning.export import load_quantized, save_quantized
+from hh_lightning.kernels import (
+    Int4LayoutError, Int4Linear, int4_layout, layout_codes, serve_weight_only_, use_int4_kernels_)
+from hh_lightning.linear import FoldedLinear, HHLinear, InputTransform
+from hh_lightning.quantizers import WeightQuantizer
+from hh_lightning.weight_only import quantize_weights_hqq
+
+SIZES = dict(hidden_size=128, intermediate_size=256)
+
+
+def _relative_error(approx, exact):
+    return float((approx - exact).norm() / exact.norm())
+
+
+def _folded(grid: str, out_features=48, in_features=128, bits=4, seed=0) -> FoldedLinear:
+    """A FoldedLinear with one of the project's grids: symmetric per-channel (W4A4), asymmetric
+    grouped (minmax), HQQ's float zeros (weight_only)."""
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features)
+    transform = InputTransform(in_features)
+    if grid == "hqq":
+        from hh_lightning.hqq import hqq_quantize
+        from hh_lightning.weight_only import _fp16_grid
+
+        solved = hqq_quantize(linear.weight.detach(), bits=bits, group_size=32, axis=1)
+        codes, scale, zero = _fp16_grid(linear.weight.detach(), solved.scale, solved.zero, bits)
+        assert not torch.equal(zero, zero.round())  # real-valued zeros
+        return FoldedLinear(transform, bias=linear.bias.detach(), codes=codes, scale=scale, zero=zero, bits=bits)
+    symmetric, group = {"symmetric_channel": (True, None), "asymmetric_grouped": (False, 32)}[grid]
+    quantizer = WeightQuantizer(out_features, in_features, bits=bits, symmetric=symmetric, group_size=group)
+    hh = HHLinear(linear, transform, quantizer)
+    quantizer.initialize(hh.transformed_weight())
+    return hh.fold()
+
+
+GRIDS = ["symmetric_channel", "asymmetric_grouped", "hqq"]
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_layout_reproduces_codes_and_grid_bit_for_bit(grid) -> None:
+    folded = _folded(grid)
+    kernel = Int4Linear.from_folded(folded)
+    assert torch.equal(layout_codes(kernel.layout), folded.codes)
+    scale, zero = kernel.grid()
+    assert torch.equal(scale, folded.scale) and torch.equal(zero, folded.zero)
+    assert scale.dtype == folded.scale.dtype and zero.dtype == folded.zero.dtype
+    assert torch.equal(kernel.dequantized_weight(), folded.dequantized_weight())
+    back = kernel.to_folded()
+    assert torch.equal(back.dequantized_weight(), folded.dequantized_weight())
+
+
+def test_symmetric_per_channel_reaches_the_kernel_unrounded_in_bf16() -> None:
+    folded = _folded("symmetric_channel", in_features=192)  # 192 = 3 kernel groups of 64
+    layout = int4_layout(folded.codes, folded.scale, folded.zero, 4, torch.bfloat16)
+    assert layout.group_size == 64 and layout.scale_and_zero.shape == (3, 48, 2)
+    assert torch.all(layout.scale_and_zero[..., 0] == 1) and torch.all(layout.scale_and_zero[..., 1] == 0)
+    assert torch.equal(layout.out_scale, folded.scale[:, 0])  # applied after the kernel, in float32
+    # (q - 8)·s from the kernel's codes and the float32 output scale is FoldedLinear's weight exactly.
+    kernel_weight = (layout_codes(layout).float() - 8) * layout.out_scale[:, None]
+    assert torch.equal(kernel_weight, folded.dequantized_weight())
+
+
+@pytest.mark.parametrize("grid", GRIDS)
+def test_kernel_linear_matches_the_dequantizing_linear(grid) -> None:
+    folded = _folded(grid)
+    x = torch.randn(3, 5, folded.in_features)
+    reference = folded(x)
+    # float32 compute: (q - 8)·s + z in float32, a few ulp from (q - z)·s.
+    exact = Int4Linear.from_folded(folded, torch.float32)(x)
+    assert _relative_error(exact, reference) < 1e-5
+    # bf16 compute (the fast CPU path): bf16 rounding of the activations and the output.
+    fast = Int4Linear.from_folded(folded)(x)
+    assert fast.dtype == x.dtype and fast.shape == reference.shape
+    assert _relative_error(fast, reference) < 1e-2
+
+
+@pytest.mark.parametrize("bits, group, match", [(3, 32, "bits=3"), (8, 32, "bits=8"), (4, 16, "group_size=16")])
+def test_grids_the_kernel_cannot_take_fall_back_with_a_warning(bits, group, match) -> None:
+    model = quantize_weights_hqq(tiny_model("llama", **SIZES), bits=bits, group_size=group)
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(tokens).logits
+    with pytest.warns(UserWarning, match=match):
+        report = use_int4_kernels_(model)
+    assert not report.int4 and len(report.fallback) == 2 * 7
+    assert all(match in reason for reason in report.fallback.values())
+    assert all(isinstance(linear, FoldedLinear) for block in model.model.layers for linear in block.linears.values())
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, reference)
+    with pytest.raises(Int4LayoutError, match="out_features=40"):
+        int4_layout(torch.zeros(40, 64, dtype=torch.uint8), torch.ones(40, 1), torch.zeros(40, 1), 4)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_hqq_model_through_load_quantized_int4(model_type, tmp_path) -> None:
+    model = quantize_weights_hqq(tiny_model(model_type, **SIZES), group_size=64)
+    directory = save_quantized(model, tmp_path / "w4")
+    tokens = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(1))
+    dense = load_quantized(directory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every grid here fits: no fallback
+        fast = load_quantized(directory, kernels="int4")
+    assert all(isinstance(linear, Int4Linear) for block in fast.model.layers for linear in block.linears.values())
+    with torch.no_grad():
+        reference, logits = dense(tokens).logits, fast(tokens).logits
+    assert _relative_error(logits, reference) < 1e-2
+    exact = load_quantized(directory)
+    use_int4_kernels_(exact, torch.float32)
+    with torch.no_grad():
+        assert _relative_error(exact(tokens).logits, reference) < 1e-5
+    generated = fast.generate(tokens[:1, :5], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert generated.shape == (1, 9)
+    with pytest.raises(ValueError, match="kernels='int8'"):
+        load_quantized(directory, kernels="int8")
+
+
+def test_w4a4_served_as_w4a16_keeps_rotations_online() -> None:
+    model = tiny_model("qwen2", **SIZES)
+    quant = BlockQuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_init="minmax", rotation_structure="hadamard_householder",
+                             rotation_init="random", qkv_reflections=8, upgate_reflections=8, down_reflections=8)
+    wrap_model(model, quant)
+    for block in model.model.layers:
+        block.initialize_weight_quantizers()
+        block.fold_()
+    tokens = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        w4a4 = model(tokens).logits
+        serve_weight_only_(model)
+        w4a16 = model(tokens).logits
+        assert not torch.allclose(w4a4, w4a16)
+        assert all(block.rotations() for block in model.model.layers)
+        report = use_int4_kernels_(model, torch.float32)
+        assert len(report.int4) == 2 * 7 and not report.fallback
+        assert _relative_error(model(tokens).logits, w4a16) < 1e-5
