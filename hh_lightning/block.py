@@ -33,6 +33,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 from transformers.models.qwen2 import modeling_qwen2
 
+from .gptq import gptq_codes
 from .hqq import HQQSettings
 from .linear import FoldedLinear, HHLinear, InputTransform, rotate_blocks
 from .models import SUPPORTED_MODEL_TYPES, check_supported
@@ -541,14 +542,41 @@ class HHDecoderBlock(nn.Module):
                              "block.fold_(block.collect_statistics(calibration_inputs))")
         if not any(isinstance(linear, FoldedLinear) for linear in self.linears.values()):
             self.round_rotations_()  # never under weights already folded with the unrounded values
+        codes = self._gptq_codes(statistics) if gptq else {}
         for name in LINEAR_NAMES:
             linear = self.linears[name]
             if isinstance(linear, HHLinear):
-                hessian = linear.transformed_hessian(statistics[LINEAR_INPUTS[name]][0]) if gptq else None
-                self.linears[name] = linear.fold(hessian=hessian, damp=self.quant.gptq_damp)
+                self.linears[name] = linear.fold(codes=codes.get(name))
         for parameter in self.parameters():
             parameter.requires_grad_(False)
         return self
+
+
+    @torch.no_grad()
+    def _gptq_codes(self, statistics: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """GPTQ codes of every quantized linear, by name, from ``collect_statistics`` sums.
+
+        Linears that read the same input (q/k/v, gate/up: one transform, no pre-rotated input) have
+        the same Hessian, and GPTQ never mixes rows, so their stacked rows are rounded in one pass:
+        the codes of separate passes, at a fraction of the per-column loop's cost.
+        """
+        groups: dict[tuple[str, int, int], list[str]] = {}
+        for name in LINEAR_NAMES:
+            linear = self.linears[name]
+            if isinstance(linear, HHLinear) and linear.weight_quantizer.enabled:
+                key = (LINEAR_INPUTS[name], id(linear.transform), id(linear.prerotated_input))
+                groups.setdefault(key, []).append(name)
+        codes: dict[str, torch.Tensor] = {}
+        for (entry, _, _), names in groups.items():
+            linears = [self.linears[name] for name in names]
+            weights = [linear.transformed_weight().float() for linear in linears]
+            grids = [linear.weight_quantizer.quantize(weight) for linear, weight in zip(linears, weights)]
+            stacked = gptq_codes(torch.cat(weights), linears[0].transformed_hessian(statistics[entry][0]),
+                                 torch.cat([grid[1] for grid in grids]), torch.cat([grid[2] for grid in grids]),
+                                 linears[0].weight_quantizer.bits, damp=self.quant.gptq_damp)
+            for name, part in zip(names, stacked.split([weight.shape[0] for weight in weights])):
+                codes[name] = part.clone()
+        return codes
 
 
 def wrap_model(model: nn.Module, quant: BlockQuantConfig, layer_indices: list[int] | None = None) -> nn.Module:

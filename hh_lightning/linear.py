@@ -143,21 +143,26 @@ class HHLinear(nn.Module):
         return both_sides(covariance, self.transform.transform_input)
 
     @torch.no_grad()
-    def fold(self, hessian: torch.Tensor | None = None, damp: float = 0.01) -> "FoldedLinear":
+    def fold(self, hessian: torch.Tensor | None = None, damp: float = 0.01,
+             codes: torch.Tensor | None = None) -> "FoldedLinear":
         """The deployable form: ``W̃`` quantized once to codes, the transform kept online.
 
         ``hessian``: ``X̃ᵀX̃`` of the transformed inputs (``transformed_hessian``); given, the
         codes are GPTQ-rounded on the same grid (``gptq.gptq_codes`` with ``damp``), else rounded
-        to nearest.
+        to nearest. ``codes``: uint8 ``(out, in)`` already chosen on this grid (``HHDecoderBlock``
+        GPTQ-rounds the linears that share an input together); they replace the rounding.
         """
         weight = self.transformed_weight().float()
         bias = self.transformed_bias()
         bias = None if bias is None else bias.detach().clone()
         if not self.weight_quantizer.enabled:
             return FoldedLinear(self.transform, bias=bias, weight=weight)
-        codes, scale, zero = self.weight_quantizer.quantize(weight)
-        if hessian is not None:
-            codes = gptq_codes(weight, hessian, scale, zero, self.weight_quantizer.bits, damp=damp)
+        nearest, scale, zero = self.weight_quantizer.quantize(weight)
+        if codes is None:
+            codes = nearest if hessian is None else gptq_codes(weight, hessian, scale, zero,
+                                                               self.weight_quantizer.bits, damp=damp)
+        elif codes.shape != nearest.shape:
+            raise ValueError(f"codes shape {tuple(codes.shape)} != weight shape {tuple(nearest.shape)}")
         return FoldedLinear(self.transform, bias=bias, codes=codes, scale=scale, zero=zero,
                             bits=self.weight_quantizer.bits)
 

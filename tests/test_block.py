@@ -114,6 +114,12 @@ def test_gptq_fold_lowers_the_block_error_of_nearest_rounding(model_type) -> Non
     for name in ("q_proj", "o_proj", "down_proj"):  # same grid, other codes
         assert torch.equal(gptq.linears[name].scale, nearest.linears[name].scale)
         assert not torch.equal(gptq.linears[name].codes, nearest.linears[name].codes)
+    # q/k/v and gate/up are rounded as one stacked pass: the codes of one GPTQ pass per linear.
+    from hh_lightning.block import LINEAR_INPUTS
+    for name in LINEAR_INPUTS:
+        linear = block.linears[name]
+        alone = linear.fold(hessian=linear.transformed_hessian(statistics[LINEAR_INPUTS[name]][0]))
+        assert torch.equal(gptq.linears[name].codes, alone.codes), name
 
 
 def test_statistics_do_not_depend_on_rotations() -> None:
