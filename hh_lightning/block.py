@@ -35,7 +35,7 @@ from transformers.models.qwen2 import modeling_qwen2
 
 from .gptq import gptq_codes
 from .hqq import HQQSettings
-from .linear import FoldedLinear, HHLinear, InputTransform, rotate_blocks
+from .linear import FoldedLinear, HHLinear, InputTransform, rotate_blocks, rotations_disabled
 from .models import SUPPORTED_MODEL_TYPES, check_supported
 from .quantizers import (
     WEIGHT_INITS,
@@ -347,6 +347,7 @@ class HHDecoderBlock(nn.Module):
         self.k_quantizer = ActivationQuantizer(bits=quant.kv_bits, symmetric=quant.kv_symmetric)
         self.v_quantizer = ActivationQuantizer(bits=quant.kv_bits, symmetric=quant.kv_symmetric)
         self._statistics: dict[str, list[torch.Tensor]] | None = None
+        self.rotation_bypass = False  # set by rotations_disabled(); not a setting
         # Rotations, smoothing and quantizer parameters are created on the CPU; join the layer's device.
         self.to(attn.q_proj.weight.device)
 
@@ -449,7 +450,7 @@ class HHDecoderBlock(nn.Module):
         cos, sin = position_embeddings
         query, key = model_functions.apply_rotary_pos_emb(query, key, cos, sin)
         self._record("kv", key)
-        if self.kv_rotation is not None:
+        if self.kv_rotation is not None and not self.rotation_bypass:
             query, key = self.kv_rotation.rotate(query), self.kv_rotation.rotate(key)
         key, value = self.k_quantizer(key), self.v_quantizer(value)
         if past_key_values is not None:
@@ -461,7 +462,8 @@ class HHDecoderBlock(nn.Module):
             sliding_window=getattr(self.attention, "sliding_window", None), **kwargs)
         attended = attended.reshape(batch, length, -1)
         if self._statistics is not None:
-            unrotated = attended if self.o_rotation is None else rotate_blocks(attended, self.o_rotation, True)
+            unrotated = (attended if self.o_rotation is None or self.rotation_bypass
+                         else rotate_blocks(attended, self.o_rotation, True))
             self._record("o", unrotated.reshape(batch, length, -1, self.head_dim) if self.o_rotation is not None
                          else unrotated)
             self._record("o_proj", unrotated)  # o_proj's whole input, unrotated, for its GPTQ Hessian
@@ -483,14 +485,16 @@ class HHDecoderBlock(nn.Module):
                            position_ids: torch.LongTensor | None = None) -> dict[str, list[torch.Tensor]]:
         """Accumulate ``XᵀX`` (float64) and row counts of every rotation's input.
 
-        Run in full precision (quantizers bypassed); the inputs are taken
-        before their rotation, so the result does not depend on it.
+        Run as the full-precision layer: quantizers and rotations bypassed
+        (``rotations_disabled``), so the sums are the same, bit for bit,
+        whatever the rotations hold: those taken for the PCA init serve the
+        GPTQ fold of the trained block.
         """
         from .quantizers import quantization_disabled
 
         self._statistics = {} if statistics is None else statistics
         try:
-            with quantization_disabled(self):
+            with quantization_disabled(self), rotations_disabled(self):
                 self(hidden_states, position_ids=position_ids)
             return self._statistics
         finally:

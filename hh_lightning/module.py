@@ -114,6 +114,9 @@ class HHBlockModule(L.LightningModule):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("mse_init", torch.full((), float("nan")))
         self.val_mse = MeanSquaredError()
+        # (windows, collect_statistics sums) of the first training windows, kept from the PCA init for the
+        # GPTQ fold (RotationInitCallback); never saved: a resumed fit recomputes them, to the same bits.
+        self.calibration_statistics: tuple[int, dict[str, list[torch.Tensor]]] | None = None
 
     def attach_source(self, layer: nn.Module, config: object, rotary_emb: nn.Module) -> None:
         """Hand over the full-precision decoder layer this module wraps."""

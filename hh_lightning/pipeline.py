@@ -256,6 +256,9 @@ class QuantizationRun:
         name = f"layer_{layer_index:03d}"
         kwargs = dict(self.trainer_kwargs)
         kwargs.update(worker.trainer_overrides())
+        if kwargs.get("num_sanity_val_steps") is None:
+            # Unset: no sanity pass. on_train_start's initial validation MSE runs the same batches a step later.
+            kwargs["num_sanity_val_steps"] = 0
         return L.Trainer(
             **kwargs,
             default_root_dir=str(layer_dir),
