@@ -46,7 +46,7 @@ from .files import (
     write_text_atomic,
 )
 from .models import config_hash
-from .module import LayerRecipe
+from .module import SPEED_ONLY_OPTIM_FIELDS, LayerRecipe
 from .parallel import WorkerInfo, named_device_count, run_in_processes
 from .text import WIKITEXT_SPLITS, tokenize_text
 
@@ -217,7 +217,8 @@ class QuantizationRun:
                 "config_sha256": config_hash(self.datamodule.fp_model.config),
                 "weights_sha256": self.datamodule.weights_sha256,
                 "windows_sha256": windows_sha256(self.datamodule.windows),
-                "quant": self.recipe.quant.to_dict(), "optim": asdict(self.recipe.optim), "data": data,
+                "quant": self.recipe.quant.to_dict(), "data": data,
+                "optim": {k: v for k, v in asdict(self.recipe.optim).items() if k not in SPEED_ONLY_OPTIM_FIELDS},
                 "trainer": {k: self.trainer_kwargs.get(k) for k in RESULT_TRAINER_KEYS}, "layers": self.layers}
 
     def check_run_dir(self) -> bool:
