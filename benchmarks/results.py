@@ -19,10 +19,19 @@ full precision, unless the row says otherwise):
   ``w4a4_hadamard`` (dense randomized Hadamard on every rotation site, applied
   online, clip-searched weights: QuaRot-like); ``w4a4_householder_pca`` (the
   recipe's reflection counts, PCA-initialized, clip-searched weights).
+* W4A4, untrained, GPTQ-rounded: ``w4a4_hadamard_gptq`` (the Hadamard row, its
+  folded weights rounded by GPTQ against the calibration inputs' Hessians).
 * W4A4, trained by the recipe (``train.py fit``'s pipeline, each in its own
   run directory under ``--run-root``, resumed if present): ``w4a4_trained_fp``
-  and ``w4a4_trained_quantized`` (``data.input_mode``), and the same two with
-  a 4-bit KV cache behind a head-dim rotation of Q/K (``w4a4kv4_*``).
+  and ``w4a4_trained_quantized`` (``data.input_mode``), the same two with
+  a 4-bit KV cache behind a head-dim rotation of Q/K (``w4a4kv4_*``), and
+  ``w4a4_trained_quantized_nearest`` (the recipe's weights rounded to nearest
+  instead of its rounding). The untrained rows round to nearest unless they say GPTQ;
+  the trained rows round as the recipe says (the shipped configs: GPTQ).
+* The CPU recipe: ``cpu_recipe`` and ``cpu_recipe_kv4`` train
+  ``configs/smollm2-135m_cpu.yaml`` (W4A4, and with the 4-bit KV cache) in that
+  recipe's own ``pipeline.run_dir``, so they share (and resume) the run that
+  ``train.py fit --config configs/smollm2-135m_cpu.yaml`` makes.
 
 Writes ``<out>/<name>.json`` (after every row: an interrupted run resumes
 from it when its settings match), ``<name>.md`` and ``<name>_layer_mse.png``
@@ -51,6 +60,7 @@ from hqq_vs_reference import reference_dequantize, reference_quantize
 
 from hh_lightning.block import LINEAR_NAMES, BlockQuantConfig, HHDecoderBlock
 from hh_lightning.cache import BoundaryPairDataset
+from hh_lightning.artifacts import dataset_statistics
 from hh_lightning.callbacks import init_rotations_from_dataset_
 from hh_lightning.cli import main as build_cli
 from hh_lightning.cli import quantization_run
@@ -72,6 +82,8 @@ FULL_ROTATIONS = dict(rotation_structure="householder", qkv_reflections=None, up
 PCA_ROTATIONS = dict(rotation_structure="householder", qkv_reflections=64, upgate_reflections=64,
                      down_reflections=64)
 KV4_OVERRIDES = ["--model.quant.kv_bits=4", "--model.quant.kv_reflections=null"]
+CPU_RECIPE = str(REPO_ROOT / "configs" / "smollm2-135m_cpu.yaml")
+NEAREST = dict(w_rounding="nearest")
 GROUP_SIZE = 64
 # The issue's goals for the trained rows, in log-perplexity: the share of the RTN→FP gap
 # closed, and the largest acceptable ratio of their gap to the untrained Hadamard row's.
@@ -88,35 +100,46 @@ class Row:
     settings: Callable[[BlockQuantConfig], dict[str, Any]] = lambda quant: {}
     overrides: list[str] = field(default_factory=list)  # trained rows: CLI overrides of the recipe
     plot: bool = False
+    recipe: str | None = None  # trained rows: another recipe, trained in its own pipeline.run_dir
 
 
 ROWS: dict[str, Row] = {
     "fp": Row("FP (fp32)", "fp"),
     "w4a16_pc_rtn": Row("W4A16 per-channel RTN", "untrained",
                         lambda q: dict(w_bits=4, w_group_size=None, w_symmetric=True, w_init="minmax", a_bits=16,
-                                       kv_bits=16, **NO_ROTATION)),
+                                       kv_bits=16, **NO_ROTATION, **NEAREST)),
     "w4a16_g64_rtn": Row("W4A16 g64 RTN (asymmetric)", "untrained",
                          lambda q: dict(w_bits=4, w_group_size=GROUP_SIZE, w_symmetric=False, w_init="minmax",
-                                        a_bits=16, kv_bits=16, **NO_ROTATION)),
+                                        a_bits=16, kv_bits=16, **NO_ROTATION, **NEAREST)),
     "w4a16_g64_hqq": Row("W4A16 g64 HQQ (ours)", "hqq", lambda q: dict(bits=4)),
     "w4a16_g64_hqq_package": Row("W4A16 g64 HQQ (hqq package)", "hqq_package", lambda q: dict(bits=4)),
     "w3a16_g64_hqq": Row("W3A16 g64 HQQ (ours)", "hqq", lambda q: dict(bits=3)),
     "w4a4_rtn": Row("W4A4 RTN, no rotation", "untrained",
-                    lambda q: dict(w_init="minmax", kv_bits=16, **NO_ROTATION), plot=True),
+                    lambda q: dict(w_init="minmax", kv_bits=16, **NO_ROTATION, **NEAREST), plot=True),
     "w4a4_hadamard": Row("W4A4 dense Hadamard, online, untrained", "untrained",
-                         lambda q: dict(rotation_init="hadamard", kv_bits=16, kv_reflections=0, **FULL_ROTATIONS),
-                         plot=True),
+                         lambda q: dict(rotation_init="hadamard", kv_bits=16, kv_reflections=0, **FULL_ROTATIONS,
+                                        **NEAREST), plot=True),
+    "w4a4_hadamard_gptq": Row("W4A4 dense Hadamard, online, untrained, GPTQ", "untrained",
+                              lambda q: dict(rotation_init="hadamard", kv_bits=16, kv_reflections=0,
+                                             **FULL_ROTATIONS, w_rounding="gptq"), plot=True),
     "w4a4_householder_pca": Row("W4A4 Householder PCA init, untrained", "untrained",
-                                lambda q: dict(rotation_init="pca", kv_bits=16, kv_reflections=0, **PCA_ROTATIONS),
-                                plot=True),
+                                lambda q: dict(rotation_init="pca", kv_bits=16, kv_reflections=0, **PCA_ROTATIONS,
+                                               **NEAREST), plot=True),
     "w4a4_trained_fp": Row("W4A4 Householder trained, fp inputs", "trained",
                            overrides=["--data.input_mode=fp"], plot=True),
     "w4a4_trained_quantized": Row("W4A4 Householder trained, quantized inputs", "trained",
                                   overrides=["--data.input_mode=quantized"], plot=True),
+    "w4a4_trained_quantized_nearest": Row("W4A4 Householder trained, quantized inputs, rounded to nearest",
+                                          "trained", overrides=["--data.input_mode=quantized",
+                                                                "--model.quant.w_rounding=nearest"]),
     "w4a4kv4_trained_fp": Row("W4A4KV4 Householder trained, fp inputs", "trained",
                               overrides=["--data.input_mode=fp", *KV4_OVERRIDES]),
     "w4a4kv4_trained_quantized": Row("W4A4KV4 Householder trained, quantized inputs", "trained",
                                      overrides=["--data.input_mode=quantized", *KV4_OVERRIDES]),
+    "cpu_recipe": Row("W4A4, the CPU recipe (configs/smollm2-135m_cpu.yaml)", "trained", recipe=CPU_RECIPE,
+                      plot=True),
+    "cpu_recipe_kv4": Row("W4A4KV4, the CPU recipe", "trained", recipe=CPU_RECIPE, overrides=[
+        *KV4_OVERRIDES, f"--pipeline.run_dir={REPO_ROOT / 'runs' / 'smollm2-135m_cpu_kv4'}"]),
 }
 
 
@@ -157,7 +180,10 @@ class Recipe:
 
 
 def untrained_model(recipe: Recipe, quant: BlockQuantConfig) -> torch.nn.Module:
-    """A folded copy of the FP model: rotations initialized (PCA from the cache), weights initialized, no training."""
+    """A folded copy of the FP model: rotations initialized (PCA from the cache), weights initialized, no training.
+
+    With ``quant.w_rounding='gptq'`` the codes are GPTQ-rounded against the Hessians of the recipe's
+    calibration windows (the same statistics the pipeline folds with)."""
     model = copy.deepcopy(recipe.model)
     quant.validate(model.config)
     device = next(model.parameters()).device
@@ -167,7 +193,11 @@ def untrained_model(recipe: Recipe, quant: BlockQuantConfig) -> torch.nn.Module:
             init_rotations_from_dataset_(block, recipe.pairs(index, recipe.train_range),
                                          recipe.run.pipeline.statistics_samples, device)
         block.initialize_weight_quantizers()
-        model.model.layers[index] = block.fold_()
+        statistics = None
+        if quant.w_rounding == "gptq":
+            block.round_rotations_()  # the statistics are taken with the rotations the fold uses
+            statistics = dataset_statistics(block, recipe.pairs(index, recipe.train_range), device=device)
+        model.model.layers[index] = block.fold_(statistics)
     return model
 
 
@@ -187,12 +217,13 @@ def trained_model(recipe: Recipe, row_name: str, row: Row, args: argparse.Namesp
                   ) -> tuple[torch.nn.Module, dict[str, Any], BlockQuantConfig]:
     """Run (or resume) the recipe's pipeline for this row; returns the assembled model, summary and settings."""
     eval_windows = "null" if args.all else str(args.windows)
-    overrides = [*args.override, *row.overrides, "--data.allow_generated_fallback=false",
-                 f"--pipeline.run_dir={Path(args.run_root) / row_name}",
+    # A row with its own recipe trains in that recipe's run_dir (unless its overrides name one).
+    run_dir = [] if row.recipe else [f"--pipeline.run_dir={Path(args.run_root) / row_name}"]
+    overrides = [*args.override, *run_dir, *row.overrides, "--data.allow_generated_fallback=false",
                  f"--pipeline.eval_windows={eval_windows}", f"--pipeline.eval_seq_len={args.seq_len}",
                  "--pipeline.eval_split=test", "--pipeline.eval_fp=false", "--pipeline.export=false",
                  "--pipeline.layers=null"]
-    run = quantization_run(build_cli(["--config", recipe.recipe, *overrides], run=False))
+    run = quantization_run(build_cli(["--config", row.recipe or recipe.recipe, *overrides], run=False))
     run.validate()
     summary = run.run()
     return run.datamodule.fp_model, summary, run.recipe.quant
@@ -250,7 +281,8 @@ def goals(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, row in results["rows"].items():
-        rows.append({"setting": ROWS[name].label, "rotation": row["rotation"], "ppl": row["ppl"],
+        rows.append({"setting": ROWS[name].label, "rotation": row["rotation"], "rounding": row.get("rounding", ""),
+                     "ppl": row["ppl"],
                      "windows": f"{row['windows']}×{row['seq_len']}", "minutes": row["seconds"] / 60})
     return rows
 
@@ -316,7 +348,8 @@ def main() -> None:
             score = summary["quantized"]
         else:
             score = dataclasses.asdict(perplexity(model, tokens, args.seq_len, windows, progress=sys.stderr.isatty()))
-        record = {"rotation": describe(quant, recipe.model.config), "ppl": score["ppl"], "nll_mean": score["nll_mean"],
+        record = {"rotation": describe(quant, recipe.model.config), "rounding": quant.w_rounding if quant else "",
+                  "ppl": score["ppl"], "nll_mean": score["nll_mean"],
                   "windows": score["n_windows"], "seq_len": score["seq_len"],
                   "seconds": time.perf_counter() - started}
         if row.plot:

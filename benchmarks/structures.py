@@ -81,11 +81,20 @@ def untrained_row(recipe: Recipe, name: str, tokens: torch.Tensor, args: argpars
 
 def trained_row(recipe: Recipe, name: str, args: argparse.Namespace) -> dict[str, Any]:
     run_dir = Path(args.run_root) / name.replace(" ", "_").replace("+", "_").replace("=", "")
-    overrides = [*args.override, *structure_overrides(name), "--data.allow_generated_fallback=false",
-                 f"--pipeline.run_dir={run_dir}", f"--pipeline.eval_windows={args.windows}",
-                 f"--pipeline.eval_seq_len={args.seq_len}", "--pipeline.eval_split=test",
+    return pipeline_row(recipe.recipe, [*args.override, *structure_overrides(name)], run_dir, args.windows,
+                        args.seq_len)
+
+
+def pipeline_row(recipe_path: str, overrides: list[str], run_dir: Path, windows: int, seq_len: int
+                 ) -> dict[str, Any]:
+    """Run (or resume) ``train.py fit`` for the recipe with ``overrides`` into ``run_dir``: every
+    layer trained, folded and exported; the export loaded back and scored on ``windows`` test
+    windows. Returns its perplexity, whole export size, training time and per-layer MSEs."""
+    overrides = [*overrides, "--data.allow_generated_fallback=false",
+                 f"--pipeline.run_dir={run_dir}", f"--pipeline.eval_windows={windows}",
+                 f"--pipeline.eval_seq_len={seq_len}", "--pipeline.eval_split=test",
                  "--pipeline.eval_fp=false", "--pipeline.export=true", "--pipeline.layers=null"]
-    run = quantization_run(build_cli(["--config", recipe.recipe, *overrides], run=False))
+    run = quantization_run(build_cli(["--config", recipe_path, *overrides], run=False))
     run.validate()
     summary = run.run()
     sizes = summary["export_size"]
@@ -96,7 +105,8 @@ def trained_row(recipe: Recipe, name: str, args: argparse.Namespace) -> dict[str
             "seconds_per_layer": summary["train_seconds"] / layers, "export_size": sizes,
             "run_dir_bytes": run_dir_bytes,
             "mse_init": [m["mse_init"] for m in summary["layers"]],
-            "mse_final": [m["mse_final"] for m in summary["layers"]]}
+            "mse_final": [m["mse_final"] for m in summary["layers"]],
+            "kept_initial": [m["layer"] for m in summary["layers"] if m.get("kept") == "initial"]}
 
 
 def overhead_row(name: str, args: argparse.Namespace) -> dict[str, Any]:

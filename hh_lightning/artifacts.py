@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from .block import HHDecoderBlock
 from .export import pack_block_codes_, unpack_block_codes_
 from .files import atomic_write_path, file_record, verify_file_record, write_json_atomic
 from .module import HHBlockModule, block_mse
+
+log = logging.getLogger(__name__)
 
 
 def artifact_paths(directory: Path, layer_index: int) -> tuple[Path, Path]:
@@ -78,15 +81,14 @@ def export_block(pl_module: HHBlockModule, val_loader: Any, artifact_dir: Path, 
                  train_dataset: Any = None) -> Path:
     """Fold, measure and save one trained block; returns the metadata path.
 
+    The block exported is whichever of its trained and initial states has the lower MSE on the
+    held-out windows (``keep_better_state_``), so training never ships a worse layer.
     ``train_dataset`` (``(x, y)`` pairs): the calibration inputs whose statistics GPTQ
     rounding folds with (``quant.w_rounding='gptq'``; unused otherwise).
     """
     block = pl_module.block
     block.eval()
-    # Measure the trained block with the rotations it ships (rounded to quant.rotation_dtype), so
-    # mse_folded == mse_final checks the fold alone (with round-to-nearest codes).
-    block.round_rotations_()
-    mse_final = block_mse(block, val_loader, pl_module.device)
+    kept, mse_trained, mse_final = keep_better_state_(pl_module, val_loader)
     if not math.isfinite(mse_final):
         raise FloatingPointError(f"layer {pl_module.layer_index}: validation MSE is {mse_final}; not exporting")
     statistics = None
@@ -99,9 +101,32 @@ def export_block(pl_module: HHBlockModule, val_loader: Any, artifact_dir: Path, 
     pl_module.calibration_statistics = None  # the fold is their last use; free them (d × d float64 each)
     folded = copy.deepcopy(block).fold_(statistics)
     mse_folded = block_mse(folded, val_loader, pl_module.device)
-    metrics = {"mse_init": float(pl_module.mse_init), "mse_final": mse_final, "mse_folded": mse_folded,
-               "steps": int(steps)}
+    metrics = {"mse_init": float(pl_module.mse_init), "mse_trained": mse_trained, "mse_final": mse_final,
+               "mse_folded": mse_folded, "kept": kept, "steps": int(steps)}
     return write_layer_artifact(folded.cpu(), artifact_dir, metrics)
+
+
+def keep_better_state_(pl_module: HHBlockModule, val_loader: Any) -> tuple[str, float, float]:
+    """Leave the block in whichever of its trained and initial states is better on ``val_loader``.
+
+    Both are measured as they ship, with the rotations rounded to ``quant.rotation_dtype``, so the
+    folded block must match the kept one. Ties, and modules without a recorded initial state
+    (checkpoints from older versions), keep the trained state. Returns
+    ``(kept, mse_trained, mse_kept)`` with ``kept`` ``"trained"`` or ``"initial"``.
+    """
+    block, device = pl_module.block, pl_module.device
+    mse_trained = block_mse(block.round_rotations_(), val_loader, device)
+    if pl_module.initial_state is None:
+        return "trained", mse_trained, mse_trained
+    trained = pl_module.trainable_state()
+    pl_module.load_trainable_state_(pl_module.initial_state)
+    mse_initial = block_mse(block.round_rotations_(), val_loader, device)
+    if mse_initial < mse_trained or (math.isfinite(mse_initial) and not math.isfinite(mse_trained)):
+        log.warning("layer %d: training raised the held-out block MSE (%.4g -> %.4g); exporting its initial "
+                    "state", pl_module.layer_index, mse_initial, mse_trained)
+        return "initial", mse_trained, mse_initial
+    pl_module.load_trainable_state_(trained)
+    return "trained", mse_trained, mse_trained
 
 
 def dataset_statistics(block: HHDecoderBlock, dataset: Any, count: int | None = None,

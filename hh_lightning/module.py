@@ -24,10 +24,14 @@ SPEED_ONLY_OPTIM_FIELDS = ("compile",)
 
 @dataclass
 class OptimConfig:
-    """AdamW with two parameter groups and a cosine decay to ``lr · min_lr_ratio``.
+    """AdamW with two parameter groups, an optional linear warm-up, and a cosine decay to ``lr · min_lr_ratio``.
 
     Defaults follow FlatQuant's recipe: transforms (reflections, smoothing) at
-    ``lr_transforms``, clip ratios at ``lr_clips``.
+    ``lr_transforms``, clip ratios at ``lr_clips``. The reflection vectors are kept at
+    norm ``√d`` (``rotation.normalize_vectors``), so an AdamW step of size ``lr`` turns a
+    reflection by about ``lr`` radians whatever the rotation's dimension, and AdamW's
+    update does not depend on the loss's scale: one lr serves blocks of any width and
+    activation scale.
 
     Args:
         lr_transforms: peak learning rate of the rotations and smoothing scales (>= 0).
@@ -40,9 +44,13 @@ class OptimConfig:
             ``reduce-overhead`` (CUDA graphs on a GPU), ``max-autotune``,
             ``max-autotune-no-cudagraphs``), static shapes. A speed setting: results
             agree with eager to float rounding, so it is not part of a run
-            directory's identity. ``none`` by default: on the CPU at the demo
-            recipe, compiling costs more than the few steps it speeds up
-            (``benchmarks/calibration_speed.py --compile``, README).
+            directory's identity. ``none`` by default: on the CPU, inductor took
+            about 50 s to compile a tiny block's step (tests/test_module.py),
+            far more than the demo's four steps take; GPU speed-ups are unmeasured.
+        warmup_ratio: the share of each layer's steps over which the lr rises linearly
+            from 0 to its peak before the cosine decay, in [0, 1). AdamW's first steps are
+            full-size whatever the gradient, so a warm-up keeps them from knocking a good
+            PCA or Hadamard start off course.
     """
 
     lr_transforms: float = 5e-3
@@ -51,6 +59,7 @@ class OptimConfig:
     min_lr_ratio: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     compile: CompileMode = "none"
+    warmup_ratio: float = 0.0
 
     def validate(self) -> None:
         """One-line errors naming the field: a negative lr would train the error upward."""
@@ -64,6 +73,8 @@ class OptimConfig:
             raise ValueError(f"model.optim.betas={tuple(self.betas)} must be two numbers in [0, 1)")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"model.optim.compile={self.compile!r} is not one of {COMPILE_MODES}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"model.optim.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
 
 
 @dataclass
@@ -83,9 +94,12 @@ class LayerRecipe:
         return HHBlockModule(quant=self.quant, optim=self.optim, layer_index=layer_index)
 
 
-def cosine_factor(step: int, total_steps: int, min_ratio: float) -> float:
-    """Multiplier of the base lr at ``step``: 1 at step 0, ``min_ratio`` at ``total_steps``."""
-    progress = min(step / max(total_steps, 1), 1.0)
+def cosine_factor(step: int, total_steps: int, min_ratio: float, warmup_steps: int = 0) -> float:
+    """Multiplier of the base lr at ``step``: ``(step + 1) / (warmup_steps + 1)`` during the warm-up,
+    then a cosine from 1 (at ``warmup_steps``) to ``min_ratio`` (at ``total_steps``)."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min((step - warmup_steps) / max(total_steps - warmup_steps, 1), 1.0)
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -131,6 +145,9 @@ class HHBlockModule(L.LightningModule):
         self._source: tuple[nn.Module, object, nn.Module] | None = None
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("mse_init", torch.full((), float("nan")))
+        # The trainable values the fit starts from, so export can keep them if training made the
+        # block worse; carried in the checkpoint, since a resumed fit never sees the start.
+        self.initial_state: dict[str, torch.Tensor] | None = None
         self.val_mse = MeanSquaredError()
         # (windows, collect_statistics sums) of the first training windows, kept from the PCA init for the
         # GPTQ fold (RotationInitCallback); never saved: a resumed fit recomputes them, to the same bits.
@@ -181,7 +198,28 @@ class HHBlockModule(L.LightningModule):
             loader = self.trainer.datamodule.val_dataloader()
             self.mse_init.fill_(block_mse(self.block, loader, self.device))
             self.initialized.fill_(True)
+            self.initial_state = self.trainable_state()
             self.log("val/mse_init", self.mse_init.item())
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the block's trainable values (reflections, smoothing, clip ratios), by name."""
+        return {name: parameter.detach().clone() for name, parameter in self.block.named_parameters()
+                if parameter.requires_grad}
+
+    @torch.no_grad()
+    def load_trainable_state_(self, state: dict[str, torch.Tensor]) -> None:
+        """Set the block's trainable values to ``state`` (from ``trainable_state``), in place."""
+        parameters = dict(self.block.named_parameters())
+        for name, value in state.items():
+            parameters[name].copy_(value)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.initial_state is not None:
+            checkpoint["initial_trainable_state"] = self.initial_state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Absent in checkpoints written before the trained-vs-initial comparison: export then keeps the trained.
+        self.initial_state = checkpoint.get("initial_trainable_state")
 
     def configure_optimizers(self):
         groups = self.block.parameter_groups()
@@ -190,6 +228,7 @@ class HHBlockModule(L.LightningModule):
              {"params": groups["clips"], "lr": self.optim.lr_clips, "name": "clips"}],
             weight_decay=self.optim.weight_decay, betas=self.optim.betas)
         total_steps = int(self.trainer.estimated_stepping_batches)
+        warmup_steps = int(self.optim.warmup_ratio * total_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: cosine_factor(step, total_steps, self.optim.min_lr_ratio))
+            optimizer, lambda step: cosine_factor(step, total_steps, self.optim.min_lr_ratio, warmup_steps))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

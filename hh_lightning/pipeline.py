@@ -327,8 +327,9 @@ class QuantizationRun:
         gc.collect()  # Trainer, optimizer and module form reference cycles; free this layer now
         meta = read_layer_artifact(self.artifact_dir, layer_index)  # verified before its checkpoints go
         self._drop_checkpoints(layer_index)
-        log.info("layer %d: block MSE %.4g -> %.4g in %d steps, %.1f s, resident memory %.0f MiB", layer_index,
-                 meta["mse_init"], meta["mse_final"], meta["steps"], time.perf_counter() - started,
+        log.info("layer %d: block MSE %.4g -> %.4g in %d steps (%s state exported), %.1f s, resident memory "
+                 "%.0f MiB", layer_index, meta["mse_init"], meta["mse_final"], meta["steps"],
+                 meta.get("kept", "trained"), time.perf_counter() - started,
                  psutil.Process().memory_info().rss / 2**20)
 
     def _drop_checkpoints(self, layer_index: int) -> None:

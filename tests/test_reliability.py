@@ -10,6 +10,7 @@ instead of racing a build that takes milliseconds on a tiny model.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import os
@@ -318,6 +319,48 @@ def test_non_finite_validation_mse_is_not_exported(workspace, baseline, monkeypa
         fit(write_config(tmp, config, "nan_val"))
     assert not list((run_dir / "layers").glob("*layer_000*"))
     assert torch.load(run_dir / "checkpoints" / "layer_000" / "last.ckpt", weights_only=True)["epoch"] == EPOCHS - 1
+
+
+def test_a_layer_that_training_makes_worse_exports_its_initial_state(workspace, caplog) -> None:
+    """An absurd learning rate wrecks the trained block: the export keeps the initial state, and says so.
+
+    With a learning rate of 0 the fit leaves the initial state in place, so its artifact is the reference.
+    """
+    tmp, model_dir = workspace
+    runs = {}
+    for name, lr in (("frozen", 0.0), ("wild", 1e3)):
+        config = config_for(tmp, model_dir, name, layers=[0])
+        config["model"]["optim"] = {"lr_transforms": lr, "lr_clips": lr}
+        with caplog.at_level(logging.WARNING, logger="hh_lightning"):
+            fit(write_config(tmp, config, name))
+        runs[name] = Path(config["pipeline"]["run_dir"])
+    frozen, wild = (json.loads((runs[n] / "layers" / "layer_000.json").read_text()) for n in ("frozen", "wild"))
+    assert frozen["kept"] == "trained" and frozen["mse_trained"] == frozen["mse_final"]
+    assert wild["kept"] == "initial" and wild["mse_trained"] > wild["mse_final"]
+    assert wild["mse_final"] == pytest.approx(frozen["mse_final"], rel=1e-6)
+    assert "layer 0: training raised the held-out block MSE" in caplog.text
+    assert_same_model(runs["frozen"], runs["wild"])
+    assert "initial state was exported instead" in (runs["wild"] / "summary.md").read_text()
+
+
+def test_the_initial_state_survives_a_checkpoint_round_trip() -> None:
+    """A resumed fit never runs on_train_start's init, so the state to fall back on comes from the checkpoint."""
+    source = HHBlockModule(layer_index=0)
+    source.initial_state = {"block.r.v": torch.arange(4.0)}
+    checkpoint: dict = {}
+    source.on_save_checkpoint(checkpoint)
+    resumed = HHBlockModule(layer_index=0)
+    resumed.on_load_checkpoint(torch.load(_saved(checkpoint), weights_only=True))
+    assert resumed.initial_state.keys() == {"block.r.v"}
+    assert torch.equal(resumed.initial_state["block.r.v"], torch.arange(4.0))
+    HHBlockModule(layer_index=0).on_load_checkpoint({})  # an older checkpoint without it still loads
+
+
+def _saved(obj: dict) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer
 
 
 # -------------------------------------------------------------- concurrency
