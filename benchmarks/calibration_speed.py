@@ -40,9 +40,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import re
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -72,7 +77,9 @@ from hh_lightning.quantizers import (  # noqa: E402
 )
 from hh_lightning.rotation import HouseholderRotation  # noqa: E402
 
-DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "calibration_speed.json"
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_JSON = REPO / "benchmarks" / "results" / "calibration_speed.json"
+OVERHEAD_JSON = REPO / "benchmarks" / "results" / "layer_overhead.json"
 
 # Block shapes of the two target models (one layer; a tiny vocabulary since only the layer runs).
 SHAPES = {
@@ -102,7 +109,18 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vocab-size", type=int, default=128, help="unused by the layer; kept tiny")
     parser.add_argument("--input-std", type=float, default=1.0, help="std of the random hidden states")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
+    parser.add_argument("--json", type=Path, default=None,
+                        help=f"default {DEFAULT_JSON.name}, {OVERHEAD_JSON.name} with --per-layer-overhead")
+    overhead = parser.add_argument_group("per-layer overhead (a real pipeline run, timed by phase)")
+    overhead.add_argument("--per-layer-overhead", action="store_true",
+                          help="time each phase of a layer's fit in train.py's own pipeline instead")
+    overhead.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="recipe to run")
+    overhead.add_argument("--layers", default="0,1,2", help="comma-separated layers quantized per run")
+    overhead.add_argument("--baseline-ref", default=None,
+                          help="git ref whose hh_lightning is timed too, alternating with this tree's")
+    overhead.add_argument("--rounds", type=int, default=2, help="runs per tree (ABBA order with a baseline)")
+    overhead.add_argument("--override", action="append", default=[], help="extra train.py argument (repeatable)")
+    overhead.add_argument("--child-timeout", type=float, default=1800.0, help="seconds per pipeline run")
     return parser.parse_args()
 
 
@@ -257,9 +275,83 @@ def profile_summary(step, steps: int, device: str, top: int) -> dict:
             "forward_ranges_ms_per_step": ranges, "top_ops": top_ops}
 
 
+# ------------------------------------------------------------------ per-layer overhead
+def extract_tree(ref: str, directory: Path) -> Path:
+    """``hh_lightning`` (and ``configs``) of git ``ref``, extracted under ``directory``."""
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "hh_lightning", "configs"],
+                             stdout=subprocess.PIPE, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
+    return directory
+
+
+def phase_run(tree: Path, args: argparse.Namespace, run_dir: Path) -> dict:
+    """One ``_layer_phases.py`` run of ``tree``'s pipeline (a fresh process); its JSON result."""
+    command = [sys.executable, str(REPO / "benchmarks" / "_layer_phases.py"), "--config", args.config,
+               "--run-dir", str(run_dir), "--layers", args.layers, "--threads", str(args.threads)]
+    command += [f"--override={value}" for value in args.override]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, env=env, timeout=args.child_timeout)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    lines = done.stdout.strip().splitlines()
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{command} exited with code {done.returncode}")
+    return json.loads(lines[-1])
+
+
+def layer_totals(phases: dict[str, float]) -> dict[str, float]:
+    """A layer's whole time, its training steps, and the rest."""
+    from _layer_phases import STEPS_LABEL
+
+    total = sum(phases.values())
+    return {"layer total s": total, "training steps s": phases.get(STEPS_LABEL, 0.0),
+            "outside the steps s": total - phases.get(STEPS_LABEL, 0.0)}
+
+
+def per_layer_overhead(args: argparse.Namespace) -> None:
+    """Time each phase of a layer's fit; with ``--baseline-ref``, the baseline's too, in ABBA order."""
+    from _layer_phases import PHASES
+
+    trees = {"this tree": REPO}
+    with tempfile.TemporaryDirectory(prefix="layer_overhead_") as scratch:
+        scratch = Path(scratch)
+        if args.baseline_ref:
+            trees = {f"before ({args.baseline_ref})": extract_tree(args.baseline_ref, scratch / "baseline"),
+                     "after (this tree)": REPO}
+        names = list(trees)
+        runs: dict[str, list[dict]] = {name: [] for name in names}
+        for round_index in range(args.rounds):
+            for name in names if round_index % 2 == 0 else names[::-1]:
+                print(f"[layer overhead] round {round_index + 1}/{args.rounds}: {name} ...", file=sys.stderr,
+                      flush=True)
+                runs[name].append(phase_run(trees[name], args, scratch / f"run_{round_index}_{len(runs[name])}"))
+    # Every layer of every run is one sample; the table shows per-layer medians.
+    samples = {name: [phases for run in runs[name] for phases in run["layers"].values()] for name in names}
+    labels = [label for _, _, label, _ in PHASES]
+    medians = {name: {label: statistics.median(p.get(label, 0.0) for p in samples[name]) for label in labels}
+               for name in names}
+    totals = {name: {key: statistics.median(layer_totals(p)[key] for p in samples[name])
+                     for key in layer_totals({})} for name in names}
+    rows = [{"phase": label, **{f"{name} s": medians[name][label] for name in names}} for label in labels
+            if any(medians[name][label] > 0 for name in names)]
+    rows += [{"phase": f"**{key[:-2]}**", **{f"{name} s": totals[name][key] for name in names}}
+             for key in totals[names[0]]]
+    print(f"\nPer-layer time by phase, {args.config} layers [{args.layers}] in quantized input mode "
+          f"(train.py's pipeline), {args.threads} threads: median over {len(samples[names[-1]])} layer samples "
+          f"({args.rounds} runs per tree), exclusive wall seconds.\n")
+    print_markdown_table(rows)
+    path = args.json or OVERHEAD_JSON
+    write_json_atomic(path, {"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine_info(),
+                             "medians": medians, "totals": totals, "runs": runs})
+    print(f"\nwrote {path}")
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
+    if args.per_layer_overhead:
+        per_layer_overhead(args)
+        return
+    args.json = args.json or DEFAULT_JSON
     warnings.filterwarnings("ignore", message=".*self.log.*")
     warnings.filterwarnings("ignore", message=".*trainer.*")
     # The setting the README's table measured: 64 PCA-initialized plain Householder reflections.

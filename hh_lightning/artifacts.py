@@ -95,7 +95,10 @@ def export_block(pl_module: HHBlockModule, val_loader: Any, artifact_dir: Path, 
     if block.quant.w_rounding == "gptq":
         if train_dataset is None:
             raise ValueError("quant.w_rounding='gptq' needs the calibration inputs (train_dataset)")
-        statistics = dataset_statistics(block, train_dataset, device=pl_module.device)
+        cached = pl_module.calibration_statistics
+        statistics = (cached[1] if cached is not None and cached[0] == len(train_dataset)
+                      else dataset_statistics(block, train_dataset, device=pl_module.device))
+    pl_module.calibration_statistics = None  # the fold is their last use; free them (d × d float64 each)
     folded = copy.deepcopy(block).fold_(statistics)
     mse_folded = block_mse(folded, val_loader, pl_module.device)
     metrics = {"mse_init": float(pl_module.mse_init), "mse_trained": mse_trained, "mse_final": mse_final,

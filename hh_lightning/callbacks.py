@@ -34,8 +34,12 @@ class RotationInitCallback(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: HHBlockModule) -> None:
         if bool(pl_module.initialized) or pl_module.quant.rotation_init != "pca":
             return
-        init_rotations_from_dataset_(pl_module.block, trainer.datamodule.train_dataset, self.statistics_samples,
-                                     pl_module.device)
+        dataset = trainer.datamodule.train_dataset
+        count = len(dataset) if self.statistics_samples is None else min(self.statistics_samples, len(dataset))
+        statistics = dataset_statistics(pl_module.block, dataset, count, pl_module.device)
+        # Rotation-independent (collect_statistics), so the GPTQ fold at the end reuses them.
+        pl_module.calibration_statistics = (count, statistics)
+        pl_module.block.init_rotations_pca_(statistics)
 
 
 def init_rotations_from_dataset_(block: HHDecoderBlock, dataset: Any, count: int | None = None,

@@ -52,20 +52,25 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"damp={damp} must be >= 0")
     group = in_features // scale.shape[1]
     upper, dead = damped_inverse_cholesky(hessian, damp)
-    work = weight.double().clone()
-    work[:, dead] = 0.0  # nothing reaches them: any code will do, the zero-error one is cheapest
-    scale, zero = scale.double(), zero.double()
-    codes = torch.empty(out_features, in_features, dtype=torch.uint8, device=weight.device)
+    # Transposed, (in, out): column i of W is the contiguous row i here, and each step below is a few
+    # whole-row ops (the per-column Python loop is the cost, so every op it saves counts). The arithmetic
+    # is quantize_codes / dequantize_codes' own, so the codes are those of the plain column loop.
+    work = weight.double().T.contiguous()
+    work[dead] = 0.0  # nothing reaches them: any code will do, the zero-error one is cheapest
+    scale_rows, zero_rows = scale.double().T.contiguous(), zero.double().T.contiguous()  # (groups, out)
+    levels = 2**bits - 1
+    codes = torch.empty_like(work)
+    errors = torch.empty(min(block_size, in_features), out_features, dtype=work.dtype, device=work.device)
+    diagonal = torch.diagonal(upper).tolist()
     for start in range(0, in_features, block_size):
         end = min(start + block_size, in_features)
-        errors = torch.empty(out_features, end - start, dtype=work.dtype, device=work.device)
         for column in range(start, end):
-            g = column // group
-            value = work[:, column]
-            code = quantize_codes(value, scale[:, g], zero[:, g], bits)
-            error = (value - dequantize_codes(code, scale[:, g], zero[:, g])) / upper[column, column]
-            work[:, column + 1:end] -= error[:, None] * upper[column, column + 1:end][None, :]
-            codes[:, column] = code
-            errors[:, column - start] = error
-        work[:, end:] -= errors @ upper[start:end, end:]
-    return codes
+            g_scale, g_zero = scale_rows[column // group], zero_rows[column // group]
+            value, code, error = work[column], codes[column], errors[column - start]
+            torch.round(value / g_scale + g_zero, out=code).clamp_(0, levels)
+            torch.sub(value, (code - g_zero) * g_scale, out=error).div_(diagonal[column])
+            if column + 1 < end:  # W[:, j] -= e · U_ij for the rest of this block
+                work[column + 1:end].addr_(upper[column, column + 1:end], error, alpha=-1)
+        if end < in_features:  # and for the columns after it, as one product
+            work[end:].addmm_(upper[start:end, end:].T, errors[:end - start], alpha=-1)
+    return codes.to(torch.uint8).T.contiguous()

@@ -10,6 +10,9 @@ quantized once.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,9 +41,12 @@ class InputTransform(nn.Module):
         self.rotation = rotation
         self.act_quantizer = act_quantizer if act_quantizer is not None else ActivationQuantizer(bits=16)
         self.log_smoothing = nn.Parameter(torch.zeros(dim)) if smoothing else None
+        self.rotation_bypass = False  # set by rotations_disabled(); not a setting
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         """``(x / c) R`` before quantization, ``x``: ``(..., dim)``."""
+        if self.rotation_bypass:
+            return x
         if self.log_smoothing is not None:
             x = x * torch.exp(-self.log_smoothing).to(x.dtype)
         if self.rotation is not None:
@@ -52,11 +58,32 @@ class InputTransform(nn.Module):
 
     def transform_weight(self, weight: torch.Tensor) -> torch.Tensor:
         """``(W · diag(c)) R`` for a weight ``(out, dim)`` that reads this input."""
+        if self.rotation_bypass:
+            return weight
         if self.log_smoothing is not None:
             weight = weight * torch.exp(self.log_smoothing).to(weight.dtype)
         if self.rotation is not None:
             weight = self.rotation.rotate_weight(weight)
         return weight
+
+
+@contextmanager
+def rotations_disabled(module: nn.Module) -> Iterator[None]:
+    """Temporarily skip every rotation and smoothing under ``module`` (``rotation_bypass``).
+
+    Each skipped input rotation is skipped in its weights too, so what is computed is the
+    full-precision function itself, with no rounding from ``(x R)(W R)ᵀ``: the result does not
+    depend on the rotations' values, bit for bit.
+    """
+    targets = [m for m in module.modules() if hasattr(m, "rotation_bypass")]
+    previous = [m.rotation_bypass for m in targets]
+    for target in targets:
+        target.rotation_bypass = True
+    try:
+        yield
+    finally:
+        for target, state in zip(targets, previous):
+            target.rotation_bypass = state
 
 
 def rotate_blocks(x: torch.Tensor, rotation: Rotation, transpose: bool = False) -> torch.Tensor:
@@ -104,9 +131,12 @@ class HHLinear(nn.Module):
         self.transform = transform
         self.weight_quantizer = weight_quantizer if weight_quantizer is not None else WeightQuantizer(
             linear.out_features, linear.in_features, bits=16)
+        self.rotation_bypass = False  # set by rotations_disabled(); not a setting
 
     def transformed_weight(self) -> torch.Tensor:
         """``W̃ = (W · diag(c)) R`` (and the head-dim rotations) in full precision, ``(out, in)``."""
+        if self.rotation_bypass:
+            return self.weight
         weight = self.transform.transform_weight(self.weight)
         if self.prerotated_input is not None:
             weight = rotate_blocks(weight, self.prerotated_input)
@@ -115,7 +145,7 @@ class HHLinear(nn.Module):
         return weight
 
     def transformed_bias(self) -> torch.Tensor | None:
-        if self.bias is None or self.output_rotation is None:
+        if self.bias is None or self.output_rotation is None or self.rotation_bypass:
             return self.bias
         return rotate_blocks(self.bias, self.output_rotation)
 
@@ -143,21 +173,26 @@ class HHLinear(nn.Module):
         return both_sides(covariance, self.transform.transform_input)
 
     @torch.no_grad()
-    def fold(self, hessian: torch.Tensor | None = None, damp: float = 0.01) -> "FoldedLinear":
+    def fold(self, hessian: torch.Tensor | None = None, damp: float = 0.01,
+             codes: torch.Tensor | None = None) -> "FoldedLinear":
         """The deployable form: ``W̃`` quantized once to codes, the transform kept online.
 
         ``hessian``: ``X̃ᵀX̃`` of the transformed inputs (``transformed_hessian``); given, the
         codes are GPTQ-rounded on the same grid (``gptq.gptq_codes`` with ``damp``), else rounded
-        to nearest.
+        to nearest. ``codes``: uint8 ``(out, in)`` already chosen on this grid (``HHDecoderBlock``
+        GPTQ-rounds the linears that share an input together); they replace the rounding.
         """
         weight = self.transformed_weight().float()
         bias = self.transformed_bias()
         bias = None if bias is None else bias.detach().clone()
         if not self.weight_quantizer.enabled:
             return FoldedLinear(self.transform, bias=bias, weight=weight)
-        codes, scale, zero = self.weight_quantizer.quantize(weight)
-        if hessian is not None:
-            codes = gptq_codes(weight, hessian, scale, zero, self.weight_quantizer.bits, damp=damp)
+        nearest, scale, zero = self.weight_quantizer.quantize(weight)
+        if codes is None:
+            codes = nearest if hessian is None else gptq_codes(weight, hessian, scale, zero,
+                                                               self.weight_quantizer.bits, damp=damp)
+        elif codes.shape != nearest.shape:
+            raise ValueError(f"codes shape {tuple(codes.shape)} != weight shape {tuple(nearest.shape)}")
         return FoldedLinear(self.transform, bias=bias, codes=codes, scale=scale, zero=zero,
                             bits=self.weight_quantizer.bits)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Literal
 
 import lightning as L
 import torch
@@ -13,6 +14,12 @@ from torch import nn
 from torchmetrics import MeanSquaredError
 
 from .block import BlockQuantConfig, HHDecoderBlock
+
+
+CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# OptimConfig fields that change speed, not what a layer learns: left out of a run directory's identity.
+SPEED_ONLY_OPTIM_FIELDS = ("compile",)
 
 
 @dataclass
@@ -32,6 +39,14 @@ class OptimConfig:
         weight_decay: AdamW weight decay (>= 0).
         min_lr_ratio: the cosine schedule ends at ``lr · min_lr_ratio``, in (0, 1].
         betas: AdamW's two moment decays, each in [0, 1).
+        compile: run the training step's block forward (and its backward) through
+            ``torch.compile`` with this mode (``none``: eager; ``default``,
+            ``reduce-overhead`` (CUDA graphs on a GPU), ``max-autotune``,
+            ``max-autotune-no-cudagraphs``), static shapes. A speed setting: results
+            agree with eager to float rounding, so it is not part of a run
+            directory's identity. ``none`` by default: on the CPU, inductor took
+            about 50 s to compile a tiny block's step (tests/test_module.py),
+            far more than the demo's four steps take; GPU speed-ups are unmeasured.
         warmup_ratio: the share of each layer's steps over which the lr rises linearly
             from 0 to its peak before the cosine decay, in [0, 1). AdamW's first steps are
             full-size whatever the gradient, so a warm-up keeps them from knocking a good
@@ -43,6 +58,7 @@ class OptimConfig:
     weight_decay: float = 0.0
     min_lr_ratio: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
+    compile: CompileMode = "none"
     warmup_ratio: float = 0.0
 
     def validate(self) -> None:
@@ -55,6 +71,8 @@ class OptimConfig:
             raise ValueError(f"model.optim.min_lr_ratio={self.min_lr_ratio} must be in (0, 1]")
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"model.optim.betas={tuple(self.betas)} must be two numbers in [0, 1)")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"model.optim.compile={self.compile!r} is not one of {COMPILE_MODES}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"model.optim.warmup_ratio={self.warmup_ratio} must be in [0, 1)")
 
@@ -131,6 +149,10 @@ class HHBlockModule(L.LightningModule):
         # block worse; carried in the checkpoint, since a resumed fit never sees the start.
         self.initial_state: dict[str, torch.Tensor] | None = None
         self.val_mse = MeanSquaredError()
+        # (windows, collect_statistics sums) of the first training windows, kept from the PCA init for the
+        # GPTQ fold (RotationInitCallback); never saved: a resumed fit recomputes them, to the same bits.
+        self.calibration_statistics: tuple[int, dict[str, list[torch.Tensor]]] | None = None
+        self._compiled_forward = None
 
     def attach_source(self, layer: nn.Module, config: object, rotary_emb: nn.Module) -> None:
         """Hand over the full-precision decoder layer this module wraps."""
@@ -148,9 +170,18 @@ class HHBlockModule(L.LightningModule):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.block(hidden_states)
 
+    def training_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The block's forward as the training step runs it: compiled with ``optim.compile`` (built on first
+        use, held as a function, so the module's state dict is unchanged), eager otherwise."""
+        if self.optim.compile == "none":
+            return self.block(hidden_states)
+        if self._compiled_forward is None:
+            self._compiled_forward = torch.compile(self.block.forward, mode=self.optim.compile, dynamic=False)
+        return self._compiled_forward(hidden_states)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = F.mse_loss(self.block(x).float(), y.float())
+        loss = F.mse_loss(self.training_forward(x).float(), y.float())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"layer {self.layer_index}: loss is {loss.item()} at step {self.global_step}")
         self.log("train/mse", loss, prog_bar=True, on_step=True, on_epoch=True)

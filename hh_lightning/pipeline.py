@@ -46,7 +46,7 @@ from .files import (
     write_text_atomic,
 )
 from .models import config_hash
-from .module import LayerRecipe
+from .module import SPEED_ONLY_OPTIM_FIELDS, LayerRecipe
 from .parallel import WorkerInfo, named_device_count, run_in_processes
 from .text import WIKITEXT_SPLITS, tokenize_text
 
@@ -217,7 +217,8 @@ class QuantizationRun:
                 "config_sha256": config_hash(self.datamodule.fp_model.config),
                 "weights_sha256": self.datamodule.weights_sha256,
                 "windows_sha256": windows_sha256(self.datamodule.windows),
-                "quant": self.recipe.quant.to_dict(), "optim": asdict(self.recipe.optim), "data": data,
+                "quant": self.recipe.quant.to_dict(), "data": data,
+                "optim": {k: v for k, v in asdict(self.recipe.optim).items() if k not in SPEED_ONLY_OPTIM_FIELDS},
                 "trainer": {k: self.trainer_kwargs.get(k) for k in RESULT_TRAINER_KEYS}, "layers": self.layers}
 
     def check_run_dir(self) -> bool:
@@ -256,6 +257,9 @@ class QuantizationRun:
         name = f"layer_{layer_index:03d}"
         kwargs = dict(self.trainer_kwargs)
         kwargs.update(worker.trainer_overrides())
+        if kwargs.get("num_sanity_val_steps") is None:
+            # Unset: no sanity pass. on_train_start's initial validation MSE runs the same batches a step later.
+            kwargs["num_sanity_val_steps"] = 0
         return L.Trainer(
             **kwargs,
             default_root_dir=str(layer_dir),

@@ -268,10 +268,13 @@ class WeightQuantizer(nn.Module):
         if method == "search":
             best_error = torch.full_like(high, float("inf"))
             grouped = self._grouped(weight)
+            levels = 2**self.bits - 1
             for ratio in torch.linspace(1.0, search.min_ratio, search.grid_points).tolist():
                 scale, zero = range_to_scale_zero(low * ratio, high * ratio, self.bits, self.symmetric)
-                error = (fake_quantize(grouped, scale, zero, self.bits) - grouped).abs().pow(search.error_norm)
-                error = error.sum(-1, keepdim=True)
+                # fake_quantize's forward, in place in one buffer (its straight-through round gives the same
+                # values): this loop is a block's whole clip search, so each pass it saves counts.
+                error = torch.div(grouped, scale).add_(zero).round_().clamp_(0, levels).sub_(zero).mul_(scale)
+                error = error.sub_(grouped).abs_().pow_(search.error_norm).sum(-1, keepdim=True)
                 better = error < best_error
                 best_error = torch.where(better, error, best_error)
                 ratio_high = torch.where(better, torch.full_like(high, ratio), ratio_high)

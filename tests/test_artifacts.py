@@ -77,3 +77,39 @@ def test_a_layer_artifact_round_trips_and_vouches_for_itself(tmp_path) -> None:
     with pytest.raises(ValueError, match="layer_001.safetensors"):
         read_layer_artifact(tmp_path, 1)
     assert read_layer_artifact(tmp_path, 1, verify=False) == meta  # sizes alone still agree
+
+
+def test_gptq_export_reuses_the_pca_statistics_and_equals_a_resumed_fits_export(tmp_path) -> None:
+    """The PCA init's statistics serve the fold; a resumed fit (no PCA pass) recomputes the same codes."""
+    from safetensors.torch import load_file
+
+    from hh_lightning.artifacts import export_block
+    from hh_lightning.module import HHBlockModule
+
+    model = tiny_model("qwen2")
+    quant = BlockQuantConfig(**{**QUANT.to_dict(), "w_rounding": "gptq", "w_bits": 3})
+    pairs = _pairs(count=4)
+    val = [(x[None], x[None]) for x, _ in pairs[:1]]
+    modules = []
+    for _ in range(2):
+        module = HHBlockModule(quant=quant, layer_index=1)
+        module.attach_source(model.model.layers[1], model.config, model.model.rotary_emb)
+        module.configure_model()
+        trainer = SimpleNamespace(datamodule=SimpleNamespace(train_dataset=pairs))
+        RotationInitCallback().on_train_start(trainer, module)
+        module.block.initialize_weight_quantizers()
+        with torch.no_grad():  # "training" moved the rotations away from where the statistics were taken
+            for rotation in module.block.rotations().values():
+                for parameter in rotation.parameters():
+                    parameter.add_(0.1 * torch.randn_like(parameter))
+        modules.append(module)
+    modules[1].load_state_dict(modules[0].state_dict())
+    assert modules[0].calibration_statistics[0] == len(pairs)
+    modules[1].calibration_statistics = None  # as after a resume from a checkpoint
+    directories = [tmp_path / "cached", tmp_path / "recomputed"]
+    for module, directory in zip(modules, directories):
+        export_block(module, val, directory, 0, pairs)
+        assert module.calibration_statistics is None  # freed after the fold
+    cached, recomputed = (load_file(artifact_paths(d, 1)[0]) for d in directories)
+    assert cached.keys() == recomputed.keys()
+    assert all(torch.equal(cached[key], recomputed[key]) for key in cached)

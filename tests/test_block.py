@@ -13,6 +13,7 @@ from hh_lightning.block import (
     check_model_type,
     wrap_model,
 )
+from hh_lightning.linear import rotations_disabled
 from hh_lightning.quantizers import quantization_disabled
 
 OFF = dict(w_bits=16, a_bits=16, kv_bits=16)
@@ -114,6 +115,12 @@ def test_gptq_fold_lowers_the_block_error_of_nearest_rounding(model_type) -> Non
     for name in ("q_proj", "o_proj", "down_proj"):  # same grid, other codes
         assert torch.equal(gptq.linears[name].scale, nearest.linears[name].scale)
         assert not torch.equal(gptq.linears[name].codes, nearest.linears[name].codes)
+    # q/k/v and gate/up are rounded as one stacked pass: the codes of one GPTQ pass per linear.
+    from hh_lightning.block import LINEAR_INPUTS
+    for name in LINEAR_INPUTS:
+        linear = block.linears[name]
+        alone = linear.fold(hessian=linear.transformed_hessian(statistics[LINEAR_INPUTS[name]][0]))
+        assert torch.equal(gptq.linears[name].codes, alone.codes), name
 
 
 def test_statistics_do_not_depend_on_rotations() -> None:
@@ -124,8 +131,14 @@ def test_statistics_do_not_depend_on_rotations() -> None:
             for parameter in rotation.parameters():
                 parameter.normal_()
     after = block.collect_statistics(hidden)
-    for name in before:
-        assert torch.allclose(before[name][0], after[name][0], rtol=1e-4, atol=1e-4), name
+    assert before.keys() == after.keys()
+    for name in before:  # exactly: the pass runs the FP layer with every rotation bypassed
+        assert torch.equal(before[name][0], after[name][0]), name
+    with torch.no_grad(), quantization_disabled(block):  # and the bypass was undone
+        rotated = block(hidden)
+        with rotations_disabled(block):
+            plain = block(hidden)
+    assert torch.allclose(rotated, plain, atol=1e-4) and not torch.equal(rotated, plain)
 
 
 def test_quantization_changes_output_and_disabling_restores_it() -> None:
