@@ -10,15 +10,14 @@ quantized once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .gptq import gptq_codes
-from .quantizers import ActivationQuantizer, WeightQuantizer, dequantize_codes
+from .quantizers import ActivationQuantizer, WeightQuantizer, dequantize_codes, flag_set
 from .rotation import Rotation
 
 
@@ -67,23 +66,14 @@ class InputTransform(nn.Module):
         return weight
 
 
-@contextmanager
-def rotations_disabled(module: nn.Module) -> Iterator[None]:
+def rotations_disabled(module: nn.Module) -> AbstractContextManager[None]:
     """Temporarily skip every rotation and smoothing under ``module`` (``rotation_bypass``).
 
     Each skipped input rotation is skipped in its weights too, so what is computed is the
     full-precision function itself, with no rounding from ``(x R)(W R)ᵀ``: the result does not
     depend on the rotations' values, bit for bit.
     """
-    targets = [m for m in module.modules() if hasattr(m, "rotation_bypass")]
-    previous = [m.rotation_bypass for m in targets]
-    for target in targets:
-        target.rotation_bypass = True
-    try:
-        yield
-    finally:
-        for target, state in zip(targets, previous):
-            target.rotation_bypass = state
+    return flag_set([m for m in module.modules() if hasattr(m, "rotation_bypass")], "rotation_bypass")
 
 
 def rotate_blocks(x: torch.Tensor, rotation: Rotation, transpose: bool = False) -> torch.Tensor:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -297,17 +297,21 @@ class WeightQuantizer(nn.Module):
 
 
 @contextmanager
-def quantization_disabled(module: nn.Module) -> Iterator[None]:
-    """Temporarily turn every quantizer under ``module`` into the identity (full precision)."""
-    quantizers = [m for m in module.modules() if isinstance(m, (ActivationQuantizer, WeightQuantizer))]
-    previous = [q.bypass for q in quantizers]
-    for quantizer in quantizers:
-        quantizer.bypass = True
+def flag_set(modules: list[nn.Module], attribute: str) -> Iterator[None]:
+    """Temporarily set the boolean ``attribute`` of every one of ``modules`` to True, then restore each."""
+    previous = [getattr(m, attribute) for m in modules]
+    for m in modules:
+        setattr(m, attribute, True)
     try:
         yield
     finally:
-        for quantizer, state in zip(quantizers, previous):
-            quantizer.bypass = state
+        for m, state in zip(modules, previous):
+            setattr(m, attribute, state)
+
+
+def quantization_disabled(module: nn.Module) -> AbstractContextManager[None]:
+    """Temporarily turn every quantizer under ``module`` into the identity (full precision)."""
+    return flag_set([m for m in module.modules() if isinstance(m, (ActivationQuantizer, WeightQuantizer))], "bypass")
 
 
 def _ratios_to_logits(ratio: torch.Tensor) -> torch.Tensor:
