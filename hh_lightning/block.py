@@ -349,7 +349,10 @@ class HHDecoderBlock(nn.Module):
         self._statistics: dict[str, list[torch.Tensor]] | None = None
         self.rotation_bypass = False  # set by rotations_disabled(); not a setting
         # Rotations, smoothing and quantizer parameters are created on the CPU; join the layer's device.
-        self.to(attn.q_proj.weight.device)
+        # A layer on the meta device (export.load_quantized builds one) keeps them on the CPU: only its
+        # copied weights are placeholders, which the loader replaces.
+        if attn.q_proj.weight.device.type != "meta":
+            self.to(attn.q_proj.weight.device)
 
     # ---------------------------------------------------------------- building
     def _make_rotation(self, name: str, dim: int, index: int) -> Rotation | None:
@@ -538,7 +541,8 @@ class HHDecoderBlock(nn.Module):
         against the input Hessian in ``statistics`` (``collect_statistics``
         over calibration inputs, taken after ``round_rotations_``).
         ``codes_from_file``: the codes are about to be replaced by saved
-        ones (the loaders), so no statistics are needed.
+        ones (the loaders): each linear becomes ``HHLinear.fold_placeholder()``, shapes only, with
+        nothing computed.
         """
         gptq = self.quant.w_rounding == "gptq" and not codes_from_file
         if gptq and statistics is None:
@@ -550,7 +554,8 @@ class HHDecoderBlock(nn.Module):
         for name in LINEAR_NAMES:
             linear = self.linears[name]
             if isinstance(linear, HHLinear):
-                self.linears[name] = linear.fold(codes=codes.get(name))
+                self.linears[name] = (linear.fold_placeholder() if codes_from_file
+                                      else linear.fold(codes=codes.get(name)))
         for parameter in self.parameters():
             parameter.requires_grad_(False)
         return self

@@ -42,6 +42,7 @@ codes are stored as they are.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -49,10 +50,11 @@ import shutil
 import struct
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from . import __version__
@@ -153,6 +155,10 @@ def unpack_codes(packed: torch.Tensor, bits: int, shape: tuple[int, ...] | torch
                          f"(expected {expected} bytes)")
     if bits == 8:
         return packed.reshape(shape).clone()
+    if bits == 4:
+        # Slot 2b of a word sits in byte b's low nibble, slot 2b + 1 in its high one: no wide temporaries.
+        codes = torch.stack([packed & 0xF, packed >> 4], dim=-1)
+        return codes.reshape(-1)[:numel].reshape(shape)
     groups = packed.reshape(-1, bits)
     words = torch.zeros(groups.shape[0], dtype=torch.int64, device=packed.device)
     for byte in range(bits):
@@ -546,52 +552,91 @@ def _loading_config(saved: dict[str, Any], rotations: dict[str, dict[str, Any]])
 
 
 def _set_linear_buffers(module: FoldedLinear, entry: dict[str, Any], key: str,
-                        tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """Give ``module`` the file's tensors (shapes and bits may differ from what fold() built)."""
-    def take(leaf: str) -> torch.Tensor | None:
-        # A copy: the module keeps it, and it must not depend on the file's memory map.
-        tensor = tensors.get(f"{key}.{leaf}")
-        return None if tensor is None else tensor.clone()
+                        read: Callable[[str], torch.Tensor | None], path: Path) -> None:
+    """Give ``module`` the file's tensors (shapes and bits may differ from what fold() built).
 
+    ``read(name)``: the file's tensor ``name`` (a fresh tensor, not a view of the file), or ``None``.
+    """
     out_features, in_features = entry["shape"]
     if (out_features, in_features) != (module.out_features, module.in_features):
         raise ValueError(f"{path}: {key} is {out_features}x{in_features} in the file but "
                          f"{module.out_features}x{module.in_features} in the model built from config.json")
     bits = int(entry["bits"])
     module.bits = bits
-    module.bias = take("bias")
+    module.bias = read(f"{key}.bias")
     if entry["quantized"]:
-        packed, scale, zero = take("codes"), take("scale"), take("zero")
+        packed, scale, zero = (read(f"{key}.{leaf}") for leaf in ("codes", "scale", "zero"))
         if packed is None or scale is None or zero is None:
             raise ValueError(f"{path}: codes, scale or zero of {key} are missing")
         codes = unpack_codes(packed, bits, (out_features, in_features))
         scale = scale.to(_dtype_from_name(entry["scale_dtype"]))
         zero = zero.to(_dtype_from_name(entry["zero_dtype"]))
-        tensors[f"{key}.codes"], tensors[f"{key}.scale"], tensors[f"{key}.zero"] = codes, scale, zero
         module.weight, module.codes, module.scale, module.zero = None, codes, scale, zero
     else:
-        weight = take("weight")
+        weight = read(f"{key}.weight")
         if weight is None:
             raise ValueError(f"{path}: the weight of {key} is missing")
         module.weight, module.codes, module.scale, module.zero = weight, None, None, None
+
+
+def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
+    """Put ``tensor`` in place of the parameter or buffer ``key`` of ``model`` (a frozen parameter stays one)."""
+    owner_name, _, leaf = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(
+            tensor, requires_grad=False)
+    else:
+        owner._buffers[leaf] = tensor
+
+
+# Tensors of a loaded block that neither the file nor the block's constructor fills: the weightless
+# norms (γ = 1 after the fold; the file holds γ only where it is not all ones) and the γ copies
+# weight_only keeps to undo a fold (ones, as a model built from its config has them).
+_ONES_LEAVES = ("input_norm.weight", "post_attention_norm.weight", "input_gamma", "post_attention_gamma")
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
+
+    Each layer's unpacking and packing frees temporaries several times the size of what it keeps.
+    glibc keeps such blocks in its heap once its mmap threshold has grown, and the kept tensors
+    allocated after them pin the holes: without this the load's peak resident memory grew by
+    about three times the quantized model's size.
+    """
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
 
 
 LOAD_KERNELS = (None, "int4")
 
 
 def load_quantized(directory: str | os.PathLike, *, device: str | torch.device = "cpu",
-                   kernels: str | None = None) -> nn.Module:
+                   kernels: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
     """Rebuild a runnable folded model saved by ``save_quantized``.
 
     ``kernels``: ``None`` (default) keeps the dequantizing ``FoldedLinear``s;
     ``"int4"`` serves every 4-bit linear through the packed-int4 matmul
     (``kernels.use_int4_kernels_``: grids it cannot take stay dequantizing, with a warning).
+    ``dtype``: the dtype of the float parts outside the linears' grids (embeddings, lm_head,
+    norms, attention); default the saved model's (``quantization_config.json``'s ``dtype``).
 
     Checks ``quantization_config.json`` against its ``content_sha256`` and every recorded file
     (``model.safetensors``, ``config.json``) against its size and sha256 first
     (a ``ValueError`` naming the file otherwise), builds the transformers
-    model from the saved config (no download), wraps and folds every layer,
-    then loads the tensors. Returns the model in eval mode on ``device``.
+    model from the saved config on the meta device (no download, no FP weight allocated), wraps
+    and folds every layer, then reads the tensors one by one. Returns the model in eval mode on
+    ``device``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
@@ -613,7 +658,13 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
     # The entries that route from_pretrained through hf_integration; a model built here needs neither.
     for key in ("quantization_config", LOAD_GUARD_KEY):
         config.__dict__.pop(key, None)
-    model = AutoModelForCausalLM.from_config(config, dtype=_dtype_from_name(meta["dtype"]))
+    dtype = _dtype_from_name(meta["dtype"]) if dtype is None else dtype
+    # Built on the meta device: no FP weight is ever allocated, so the load's peak memory is the
+    # quantized model's, not the FP skeleton's. The rotary embedding is rebuilt for real (its
+    # frequencies are not saved), before the blocks copy it.
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
     layers = _decoder_layers(model)
     if len(layers) != len(meta["layers"]):
         raise ValueError(f"{directory / QUANT_CONFIG_NAME} describes {len(meta['layers'])} layers, "
@@ -631,37 +682,96 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
                 raise ValueError(f"{directory / QUANT_CONFIG_NAME}: layer {index} rotation {name} is "
                                  f"{spec}, but the rebuilt block has {built.get(name)}")
 
+    aliases = meta.get("aliases", {})
     try:
-        tensors = load_file(weights_path)
+        # Reopened for each layer: the pages read through a memory map stay resident until it is
+        # unmapped, so one map over the whole load would hold the whole file in memory at the end.
+        reader = [safe_open(str(weights_path), framework="pt")]
+        stored = set(reader[0].keys())
     except Exception as error:  # safetensors raises its own error types
         raise ValueError(f"{weights_path} could not be read: {error}") from error
-    for alias, canonical in meta.get("aliases", {}).items():
-        if canonical not in tensors:
+    for alias, canonical in aliases.items():
+        if canonical not in stored:
             raise ValueError(f"{weights_path}: alias {alias} points at missing tensor {canonical}")
-        tensors[alias] = tensors[canonical]
+    consumed: set[str] = set()
 
-    rebuilt: set[str] = set()
+    def read(key: str, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """The file's tensor ``key`` (through its alias; cast to ``dtype`` if given and it is a float),
+        read on demand: one layer at a time in memory."""
+        canonical = aliases.get(key, key)
+        if canonical not in stored:
+            return None
+        consumed.add(canonical)
+        # Always a copy: get_tensor's tensor may be a view of the file's memory map, which would keep
+        # the whole mapping (and every page read) resident for the model's lifetime.
+        tensor = reader[0].get_tensor(canonical)
+        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
+            return tensor.to(dtype)
+        return tensor.clone()
+
+    from .kernels import use_int4_kernels_
+
+    # The kernels' packing is the device's own: on the CPU it happens layer by layer, elsewhere
+    # once the model is there.
+    pack_while_reading = torch.device(device).type == "cpu"
+    placed: set[str] = set()
     for index, entry in enumerate(meta["layers"]):
         block, prefix = layers[index], entry["prefix"]
         block.quant = saved_configs[index]
-        rebuilt |= _rebuilt_keys(prefix, block)
         for name, linear_entry in entry["linears"].items():
-            _set_linear_buffers(block.linears[name], linear_entry, f"{prefix}.linears.{name}", tensors,
+            _set_linear_buffers(block.linears[name], linear_entry, f"{prefix}.linears.{name}", read,
                                 weights_path)
+        if kernels == "int4" and pack_while_reading:
+            # Packed as each layer is read, so the 1-byte codes of only one layer are ever held.
+            use_int4_kernels_(block, prefix=prefix)
+        reader[0] = safe_open(str(weights_path), framework="pt")
+        _return_freed_memory()
+        # The linears' own tensors are set; their (shared) transforms still come from the file below.
+        placed |= {f"{prefix}.linears.{name}.{leaf}" for name, linear in block.linears.items()
+                   for leaf in (*linear._parameters, *linear._buffers)}
 
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
-    missing = sorted(set(missing) - rebuilt)
+    # Every other tensor: from the file (cast once to the model's dtype; tied names share one
+    # tensor), else rebuilt by the block itself, else (the norms' γ = 1) ones.
+    rebuilt = set().union(*(_rebuilt_keys(entry["prefix"], layers[index])
+                            for index, entry in enumerate(meta["layers"])))
+    loaded: dict[str, torch.Tensor] = {}
+    missing = []
+    for key, current in model.state_dict(keep_vars=True).items():
+        if key in placed:
+            continue
+        canonical = aliases.get(key, key)
+        if canonical in stored:
+            if canonical not in loaded:
+                tensor = read(canonical, current.dtype if current.is_floating_point() else None)
+                if tuple(tensor.shape) != tuple(current.shape):
+                    raise ValueError(f"{weights_path}: {key} is {tuple(tensor.shape)} in the file but "
+                                     f"{tuple(current.shape)} in the model built from config.json")
+                loaded[canonical] = (nn.Parameter(tensor, requires_grad=False)
+                                     if isinstance(current, nn.Parameter) else tensor)
+            _set_tensor(model, key, loaded[canonical])
+        elif current.device.type == "meta" and key.endswith(_ONES_LEAVES):
+            _set_tensor(model, key, torch.ones(current.shape, dtype=current.dtype))
+        elif key not in rebuilt:
+            missing.append(key)
+    for name, buffer in model.named_buffers():
+        if buffer.device.type == "meta" and name.endswith(_ONES_LEAVES):  # non-persistent: not in state_dict
+            _set_tensor(model, name, torch.ones(buffer.shape, dtype=buffer.dtype))
+    del loaded, read, reader  # closes the file's memory map
+    _return_freed_memory()
+    unexpected = sorted(stored - consumed)
     if missing or unexpected:
-        raise ValueError(f"{weights_path} does not match the model: missing {missing[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+        raise ValueError(f"{weights_path} does not match the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {unexpected[:5]}")
+    on_meta = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+               if tensor.device.type == "meta"]
+    if on_meta:  # a bug here, not in the file: say so rather than fail later with a meta-tensor error
+        raise RuntimeError(f"load_quantized left {on_meta[:5]} unset")
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     model = model.to(device).eval()
-    if kernels == "int4":
-        from .kernels import use_int4_kernels_
-
+    if kernels == "int4" and not pack_while_reading:
         use_int4_kernels_(model)
     return model
 

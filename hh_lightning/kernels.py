@@ -275,14 +275,17 @@ class KernelReport:
 
 
 @torch.no_grad()
-def use_int4_kernels_(model: nn.Module, compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE) -> KernelReport:
-    """Replace every quantized ``FoldedLinear`` of ``model``'s folded blocks by an ``Int4Linear``
-    (in place). Grids the kernel cannot take stay dequantizing, with a warning naming the linear
-    and the reason. Returns the ``KernelReport``."""
+def use_int4_kernels_(model: nn.Module, compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE, *,
+                      prefix: str = "") -> KernelReport:
+    """Replace every quantized ``FoldedLinear`` of ``model``'s folded blocks (or of ``model``, one
+    ``HHDecoderBlock``) by an ``Int4Linear`` (in place). Grids the kernel cannot take stay
+    dequantizing, with a warning naming the linear and the reason. ``prefix``: prepended to the
+    names in the report and warnings. Returns the ``KernelReport``."""
     from .block import HHDecoderBlock
 
     report = KernelReport()
-    blocks = [(name, module) for name, module in model.named_modules() if isinstance(module, HHDecoderBlock)]
+    blocks = [(".".join(filter(None, (prefix, name))), module) for name, module in model.named_modules()
+              if isinstance(module, HHDecoderBlock)]
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no HHDecoderBlock: load or fold a quantized model first")
     for prefix, block in blocks:

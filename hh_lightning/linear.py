@@ -187,6 +187,22 @@ class HHLinear(nn.Module):
                             bits=self.weight_quantizer.bits)
 
 
+    def fold_placeholder(self) -> "FoldedLinear":
+        """A ``FoldedLinear`` of the shapes ``fold()`` gives, all zeros, for loaders that fill in
+        saved codes: nothing is computed, and the buffers are zeros on the weight's device
+        (on the meta device for a model built there, so a loader allocates only what the file holds)."""
+        like = dict(device=self.weight.device)
+        bias = None if self.bias is None else torch.zeros(self.out_features, **like)
+        if not self.weight_quantizer.enabled:
+            return FoldedLinear(self.transform, bias=bias, weight=torch.zeros(self.out_features, self.in_features,
+                                                                              **like))
+        grid = (self.out_features, self.weight_quantizer.num_groups)
+        return FoldedLinear(self.transform, bias=bias,
+                            codes=torch.zeros(self.out_features, self.in_features, dtype=torch.uint8, **like),
+                            scale=torch.zeros(grid, **like), zero=torch.zeros(grid, **like),
+                            bits=self.weight_quantizer.bits)
+
+
 class FoldedLinear(nn.Module):
     """Deployable linear: integer codes with per-group scale and zero (or a float weight).
 

@@ -115,6 +115,55 @@ def test_reload_gives_identical_logits(saved) -> None:
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == model.config.tie_word_embeddings
 
 
+def test_load_builds_on_meta_and_folds_nothing(saved, monkeypatch) -> None:
+    """The loader never allocates the FP skeleton (transformers' model is built on the meta device)
+    and never computes a fold: every value comes from the file, and nothing is left on meta."""
+    import transformers
+
+    from hh_lightning.linear import HHLinear
+
+    model, directory = saved
+    built_on = []
+    from_config = transformers.AutoModelForCausalLM.from_config
+
+    def spy(*args, **kwargs):
+        built = from_config(*args, **kwargs)
+        built_on.append(built.model.embed_tokens.weight.device.type)
+        return built
+
+    def no_fold(*_, **__):
+        raise AssertionError("load_quantized computed a fold")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", spy)
+    monkeypatch.setattr(HHLinear, "fold", no_fold)
+    loaded = load_quantized(directory)
+    assert built_on == ["meta"]
+    assert not [name for name, tensor in [*loaded.named_parameters(), *loaded.named_buffers()]
+                if tensor.device.type == "meta"]
+    assert not any(parameter.requires_grad for parameter in loaded.parameters())
+    tokens = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(3))
+    assert torch.allclose(_logits(loaded, tokens), _logits(model, tokens), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_load_in_another_dtype_casts_the_float_parts(saved, dtype) -> None:
+    model, directory = saved
+    loaded = load_quantized(directory, dtype=dtype)
+    assert loaded.model.embed_tokens.weight.dtype == dtype and loaded.lm_head.weight.dtype == dtype
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == model.config.tie_word_embeddings
+    # Outside the blocks, every float tensor is the default load's, cast; inside, the blocks' values
+    # (grids, rotations, clips) are the default load's exactly.
+    reference_state = load_quantized(directory).state_dict()
+    for key, value in loaded.state_dict().items():
+        expected = reference_state[key]
+        if key.startswith("model.layers."):
+            assert torch.equal(value.double(), expected.double()), key
+        elif expected.is_floating_point() and "rotary" not in key:
+            assert torch.equal(value, expected.to(dtype)), key
+    tokens = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(4))
+    assert _logits(loaded, tokens).dtype == dtype
+
+
 def test_generate_runs_on_loaded_model(saved) -> None:
     model, directory = saved
     loaded = load_quantized(directory)

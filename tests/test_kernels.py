@@ -124,6 +124,19 @@ def test_hqq_model_through_load_quantized_int4(model_type, tmp_path) -> None:
         load_quantized(directory, kernels="int8")
 
 
+def test_loading_with_kernels_packs_exactly_what_packing_after_the_load_gives(tmp_path) -> None:
+    """load_quantized(kernels='int4') packs layer by layer as it reads: the same buffers as packing
+    a dense load afterwards."""
+    model = quantize_weights_hqq(tiny_model("qwen2", **SIZES), group_size=64)
+    directory = save_quantized(model, tmp_path / "w4")
+    while_reading = load_quantized(directory, kernels="int4")
+    after = load_quantized(directory)
+    use_int4_kernels_(after)
+    state, reference = while_reading.state_dict(), after.state_dict()
+    assert state.keys() == reference.keys()
+    assert all(torch.equal(state[key], reference[key]) for key in reference)
+
+
 def test_w4a4_served_as_w4a16_keeps_rotations_online() -> None:
     model = tiny_model("qwen2", **SIZES)
     quant = BlockQuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_init="minmax", rotation_structure="hadamard_householder",
