@@ -85,11 +85,28 @@ def _check_device(device: str) -> None:
         raise ValueError(f"device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
 
 
-def load_for_inference(source: str, *, device: str = "cpu", dtype: str = "float32") -> tuple[Any, Any, str]:
+SERVING_KERNELS = ("none", "int4")
+
+
+def _check_serving(config: "EvaluateConfig | GenerateConfig") -> None:
+    """The fields both commands share: ``device``, ``model_dtype``, ``kernels``."""
+    _check_device(config.device)
+    if config.model_dtype not in MODEL_DTYPES:
+        raise ValueError(f"model_dtype={config.model_dtype!r} is not one of {MODEL_DTYPES}")
+    if config.kernels not in SERVING_KERNELS:
+        raise ValueError(f"kernels={config.kernels!r} is not one of {SERVING_KERNELS}")
+    if config.kernels != "none" and not is_saved_quantized(config.model):
+        raise ValueError(f"kernels={config.kernels!r} runs a saved hh_lightning model's codes; {config.model} "
+                         "is an FP source (use kernels=none)")
+
+
+def load_for_inference(source: str, *, device: str = "cpu", dtype: str = "float32",
+                       kernels: str = "none") -> tuple[Any, Any, str]:
     """``(model, tokenizer, kind)`` for a model source, in eval mode on ``device``.
 
     A saved hh_lightning directory loads with ``load_quantized`` (its own dtype,
-    ``kind = "hh_lightning"``) and the tokenizer saved beside it; any other
+    ``kind = "hh_lightning"``; ``kernels`` as ``load_quantized``'s, ``none`` for its default) and the
+    tokenizer saved beside it; any other
     source with ``models.load_model`` in ``dtype`` (``kind = "fp"``).
     """
     import torch
@@ -108,7 +125,8 @@ def load_for_inference(source: str, *, device: str = "cpu", dtype: str = "float3
         except (OSError, ValueError) as error:
             raise ValueError(f"model: {directory} holds no tokenizer ({error}); save it with "
                              "save_quantized(..., tokenizer=tokenizer)") from None
-        return load_quantized(directory, device=device), tokenizer, "hh_lightning"
+        model = load_quantized(directory, device=device, kernels=None if kernels == "none" else kernels)
+        return model, tokenizer, "hh_lightning"
     resolved, gguf_file = resolve_model_source(source, None)
     model, tokenizer = load_model(resolved, gguf_file=gguf_file, dtype=getattr(torch, dtype), device=device)
     for parameter in model.parameters():
@@ -136,6 +154,9 @@ class EvaluateConfig:
             ``cpu``, ``cuda`` or ``cuda:N``.
         model_dtype: dtype an FP model is loaded in (``float32``, ``bfloat16``, ``float16``); a saved
             hh_lightning model loads in the dtype it was saved in.
+        kernels: how a saved hh_lightning model runs its 4-bit linears: ``none`` dequantizes each weight
+            at every call (exact); ``int4`` uses packed-int4 matmuls (``kernels.py``: faster decoding,
+            bf16 compute, so about 1e-2 relative error on the logits, as the FP model run in bf16).
         output: the JSON file written (default: ``runs/evaluate/<model>_<text>_<seq_len>x<windows>.json``).
     """
 
@@ -148,6 +169,7 @@ class EvaluateConfig:
     batch_size: int = 1
     device: str = "auto"
     model_dtype: str = "float32"
+    kernels: str = "none"
     output: str | None = None
 
     def check(self) -> None:
@@ -171,9 +193,7 @@ class EvaluateConfig:
                 check_text_file(path, "data_dir" if self.data_dir is not None else "$HH_DATA_DIR")
         else:
             check_text_file(self.text, "text")
-        _check_device(self.device)
-        if self.model_dtype not in MODEL_DTYPES:
-            raise ValueError(f"model_dtype={self.model_dtype!r} is not one of {MODEL_DTYPES}")
+        _check_serving(self)
         check_writable_directory(self.output_path.parent, "output")
 
     @property
@@ -209,7 +229,7 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
 
     started = time.perf_counter()
     model, tokenizer, kind = load_for_inference(config.model, device=resolve_device(config.device),
-                                                dtype=config.model_dtype)
+                                                dtype=config.model_dtype, kernels=config.kernels)
     loaded = time.perf_counter()
     text = load_wikitext_text(config.split, config.data_dir) if config.text == WIKITEXT else load_text_file(config.text)
     tokens = tokenize_text(tokenizer, text)
@@ -257,6 +277,9 @@ class GenerateConfig:
             ``cpu``, ``cuda`` or ``cuda:N``.
         model_dtype: dtype an FP model is loaded in (``float32``, ``bfloat16``, ``float16``); a saved
             hh_lightning model loads in the dtype it was saved in.
+        kernels: how a saved hh_lightning model runs its 4-bit linears: ``none`` dequantizes each weight
+            at every call (exact); ``int4`` uses packed-int4 matmuls (``kernels.py``: faster decoding,
+            bf16 compute, so about 1e-2 relative error on the logits, as the FP model run in bf16).
     """
 
     model: str
@@ -271,6 +294,7 @@ class GenerateConfig:
     system: str | None = None
     device: str = "auto"
     model_dtype: str = "float32"
+    kernels: str = "none"
 
     def check(self) -> None:
         """Every field, before any model is loaded; a one-line error naming the field."""
@@ -290,9 +314,7 @@ class GenerateConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
         if self.system is not None and not self.chat:
             raise ValueError("system is set but chat is not: a system message needs the chat template (--chat true)")
-        _check_device(self.device)
-        if self.model_dtype not in MODEL_DTYPES:
-            raise ValueError(f"model_dtype={self.model_dtype!r} is not one of {MODEL_DTYPES}")
+        _check_serving(self)
 
 
 def prompt_ids(tokenizer: Any, config: GenerateConfig) -> Any:
@@ -317,7 +339,7 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
     import torch
 
     model, tokenizer, kind = load_for_inference(config.model, device=resolve_device(config.device),
-                                                dtype=config.model_dtype)
+                                                dtype=config.model_dtype, kernels=config.kernels)
     input_ids = prompt_ids(tokenizer, config).to(next(model.parameters()).device)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     settings: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "do_sample": config.sample,

@@ -46,6 +46,24 @@ def test_evaluate_a_saved_model_gives_the_python_api_perplexity(models, tmp_path
     assert "| PPL |" in table and f"{expected.ppl:.4g}" in table
 
 
+def test_evaluate_with_int4_kernels_scores_the_kernel_model(models, tmp_path, capsys) -> None:
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    tokens = tokenize_text(AutoTokenizer.from_pretrained(models["quantized"]), load_wikitext_text("test", WIKITEXT_DIR))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the tiny W4A4KV4 grids all fit the kernel: nothing falls back
+        record = _evaluate(models["quantized"], tmp_path / "int4.json", "--kernels", "int4")
+        expected = perplexity(load_quantized(models["quantized"], kernels="int4"), tokens, SEQ_LEN, WINDOWS,
+                              progress=False)
+    assert record["result"]["ppl"] == expected.ppl
+    with pytest.raises(SystemExit):
+        _evaluate(models["fp"], tmp_path / "fp.json", "--kernels", "int4")
+    assert "error: kernels='int4' runs a saved hh_lightning model's codes" in capsys.readouterr().err
+    assert not (tmp_path / "fp.json").exists()
+
+
 def test_evaluate_takes_the_fp_model_and_any_text_file(models, tmp_path) -> None:
     from hh_lightning.models import load_model
 
@@ -135,10 +153,10 @@ def test_help_lists_the_three_commands_and_fit_still_runs_the_lightning_cli(caps
 # test_every_command_field_has_a_bad_value keeps both tables complete as fields are added.
 BAD_COMMAND_VALUES = {
     **{f"evaluate.{name}": value for name, value in dict(
-        split="tset", seq_len=1, windows=0, batch_size=0, device="gpu9", model_dtype="float64").items()},
+        split="tset", seq_len=1, windows=0, batch_size=0, device="gpu9", model_dtype="float64", kernels="int8").items()},
     **{f"generate.{name}": value for name, value in dict(
         prompt="", max_new_tokens=0, sample="maybe", temperature=0.0, top_p=1.5, top_k=-1, seed=-1, chat="maybe",
-        system="be brief", device="gpu9", model_dtype="float64").items()},
+        system="be brief", device="gpu9", model_dtype="float64", kernels="int8").items()},
 }
 NOT_UTF8 = b"caf\xe9 \xff\xfe lobster\n"
 
