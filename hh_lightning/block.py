@@ -305,10 +305,12 @@ class HHDecoderBlock(nn.Module):
             runs standalone on hidden states and position ids).
         quant: the block's quantization settings.
         layer_idx: the layer's index (KV cache slot, and the rotations' seeds).
+        own_device: where the tensors the block creates (rotations, clips, fixed factors) go; default
+            the layer's device. Copied weights stay where the layer's are (meta, for the loaders).
     """
 
     def __init__(self, layer: nn.Module, config: PretrainedConfig, rotary_emb: nn.Module,
-                 quant: BlockQuantConfig, layer_idx: int) -> None:
+                 quant: BlockQuantConfig, layer_idx: int, own_device: str | torch.device | None = None) -> None:
         super().__init__()
         quant.validate(config)
         self.config = config
@@ -348,11 +350,13 @@ class HHDecoderBlock(nn.Module):
         self.v_quantizer = ActivationQuantizer(bits=quant.kv_bits, symmetric=quant.kv_symmetric)
         self._statistics: dict[str, list[torch.Tensor]] | None = None
         self.rotation_bypass = False  # set by rotations_disabled(); not a setting
-        # Rotations, smoothing and quantizer parameters are created on the CPU; join the layer's device.
-        # A layer on the meta device (export.load_quantized builds one) keeps them on the CPU: only its
-        # copied weights are placeholders, which the loader replaces.
-        if attn.q_proj.weight.device.type != "meta":
+        # Rotations, smoothing and quantizer parameters are created on the CPU; join the layer's device,
+        # or own_device: export.load_quantized wraps a meta layer (copied weights are placeholders it
+        # replaces) and keeps what the block builds itself on the CPU.
+        if own_device is None:
             self.to(attn.q_proj.weight.device)
+        else:
+            self._apply(lambda tensor: tensor if tensor.device.type == "meta" else tensor.to(own_device))
 
     # ---------------------------------------------------------------- building
     def _make_rotation(self, name: str, dim: int, index: int) -> Rotation | None:
@@ -588,10 +592,13 @@ class HHDecoderBlock(nn.Module):
         return codes
 
 
-def wrap_model(model: nn.Module, quant: BlockQuantConfig, layer_indices: list[int] | None = None) -> nn.Module:
-    """Replace decoder layers of a causal LM (in place) by ``HHDecoderBlock``s; returns the model."""
+def wrap_model(model: nn.Module, quant: BlockQuantConfig, layer_indices: list[int] | None = None, *,
+               own_device: str | torch.device | None = None) -> nn.Module:
+    """Replace decoder layers of a causal LM (in place) by ``HHDecoderBlock``s (``own_device`` as
+    theirs); returns the model."""
     quant.validate(model.config)
     layers = model.model.layers
     for index in range(len(layers)) if layer_indices is None else layer_indices:
-        layers[index] = HHDecoderBlock(layers[index], model.config, model.model.rotary_emb, quant, index)
+        layers[index] = HHDecoderBlock(layers[index], model.config, model.model.rotary_emb, quant, index,
+                                       own_device=own_device)
     return model

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import re
 import shutil
@@ -619,6 +620,8 @@ _LIBC: Any = None
 
 
 LOAD_KERNELS = (None, "int4")
+# Tensors larger than this are read in row chunks of about this size (see load_quantized's read).
+LOAD_CHUNK_BYTES = 32 * 2**20
 
 
 def load_quantized(directory: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -672,7 +675,7 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
     saved_configs = []
     for index, entry in enumerate(meta["layers"]):
         saved = entry.get("block_quant_config", meta["block_quant_config"])
-        wrap_model(model, _loading_config(saved, entry["rotations"]), layer_indices=[index])
+        wrap_model(model, _loading_config(saved, entry["rotations"]), layer_indices=[index], own_device="cpu")
         block = layers[index]
         block.fold_(codes_from_file=True)
         saved_configs.append(BlockQuantConfig.from_dict(_saved_quant(saved)))
@@ -695,19 +698,33 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
             raise ValueError(f"{weights_path}: alias {alias} points at missing tensor {canonical}")
     consumed: set[str] = set()
 
+    def copy(chunk: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        # Always a copy: get_tensor's tensor may be a view of the file's memory map, which would keep
+        # the whole mapping (and every page read) resident for the model's lifetime.
+        if dtype is not None and chunk.is_floating_point() and chunk.dtype != dtype:
+            return chunk.to(dtype)
+        return chunk.clone()
+
     def read(key: str, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """The file's tensor ``key`` (through its alias; cast to ``dtype`` if given and it is a float),
-        read on demand: one layer at a time in memory."""
+        read on demand: one layer at a time in memory. A tensor over ``LOAD_CHUNK_BYTES`` (an
+        embedding) is read in row chunks, the map reopened after each, so that its file pages and
+        its cast copy are never resident together."""
         canonical = aliases.get(key, key)
         if canonical not in stored:
             return None
         consumed.add(canonical)
-        # Always a copy: get_tensor's tensor may be a view of the file's memory map, which would keep
-        # the whole mapping (and every page read) resident for the model's lifetime.
-        tensor = reader[0].get_tensor(canonical)
-        if dtype is not None and tensor.is_floating_point() and tensor.dtype != dtype:
-            return tensor.to(dtype)
-        return tensor.clone()
+        rows = reader[0].get_slice(canonical)
+        shape = rows.get_shape()
+        first = copy(rows[0:1], dtype) if shape and shape[0] > 0 else None
+        if first is None or math.prod(shape) * first.element_size() <= LOAD_CHUNK_BYTES:
+            return copy(reader[0].get_tensor(canonical), dtype)
+        out = torch.empty(shape, dtype=first.dtype)
+        step = max(1, LOAD_CHUNK_BYTES // max(1, first.numel() * first.element_size()))
+        for start in range(0, shape[0], step):
+            out[start:start + step] = reader[0].get_slice(canonical)[start:start + step]
+            reader[0] = safe_open(str(weights_path), framework="pt")
+        return out
 
     from .kernels import use_int4_kernels_
 

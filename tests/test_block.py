@@ -212,4 +212,10 @@ def test_block_joins_its_layers_device(structure) -> None:
     block = HHDecoderBlock(model.model.layers[0], model.config, model.model.rotary_emb, quant, 0)
     devices = {t.device.type for t in [*block.parameters(), *block.buffers()]}
     assert devices == {"meta"}
+    # own_device (the loaders): what the block builds goes there, the copied weights stay on meta.
+    block = HHDecoderBlock(model.model.layers[0], model.config, model.model.rotary_emb, quant, 0, own_device="cpu")
+    weights = {id(linear.weight) for linear in block.linears.values()}
+    assert all(t.device.type == "meta" for t in block.parameters() if id(t) in weights)
+    assert block.rotations() and all(t.device.type == "cpu" for rotation in block.rotations().values()
+                                     for t in [*rotation.parameters(), *rotation.buffers()])
 
