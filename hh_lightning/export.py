@@ -597,6 +597,65 @@ def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
 _ONES_LEAVES = ("input_norm.weight", "post_attention_norm.weight", "input_gamma", "post_attention_gamma")
 
 
+class _TensorReader:
+    """A saved ``model.safetensors`` read one tensor at a time, each a fresh copy.
+
+    The loader's memory is what it keeps, not the file: pages read through a memory map stay
+    resident until it is unmapped, so ``unmap()`` reopens the map (after each layer), and a tensor
+    over ``LOAD_CHUNK_BYTES`` (an embedding) is read in row chunks, the map reopened after each, so
+    that its file pages and its (cast) copy are never resident together. ``aliases`` map a tied
+    name onto the stored one.
+    """
+
+    def __init__(self, path: Path, aliases: dict[str, str]) -> None:
+        self.path, self.aliases = path, aliases
+        try:
+            self._file = safe_open(str(path), framework="pt")
+            self.stored = set(self._file.keys())
+        except Exception as error:  # safetensors raises its own error types
+            raise ValueError(f"{path} could not be read: {error}") from error
+        for alias, canonical in aliases.items():
+            if canonical not in self.stored:
+                raise ValueError(f"{path}: alias {alias} points at missing tensor {canonical}")
+        self._consumed: set[str] = set()
+
+    def canonical(self, key: str) -> str:
+        return self.aliases.get(key, key)
+
+    def unmap(self) -> None:
+        """Drop the memory map (and the pages read through it); later reads open a new one."""
+        self._file = safe_open(str(self.path), framework="pt")
+
+    def unread(self) -> list[str]:
+        """The stored tensors nothing has read, sorted."""
+        return sorted(self.stored - self._consumed)
+
+    @staticmethod
+    def _copy(chunk: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+        # Always a copy: the tensor safetensors hands out may be a view of the memory map.
+        if dtype is not None and chunk.is_floating_point() and chunk.dtype != dtype:
+            return chunk.to(dtype)
+        return chunk.clone()
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        """The tensor ``key`` (through its alias), cast to ``dtype`` if given and it is a float;
+        ``None`` if the file does not hold it."""
+        canonical = self.canonical(key)
+        if canonical not in self.stored:
+            return None
+        self._consumed.add(canonical)
+        shape = self._file.get_slice(canonical).get_shape()
+        first = self._copy(self._file.get_slice(canonical)[0:1], dtype) if shape and shape[0] > 0 else None
+        if first is None or math.prod(shape) * first.element_size() <= LOAD_CHUNK_BYTES:
+            return self._copy(self._file.get_tensor(canonical), dtype)
+        out = torch.empty(shape, dtype=first.dtype)
+        step = max(1, LOAD_CHUNK_BYTES // max(1, first.numel() * first.element_size()))
+        for start in range(0, shape[0], step):
+            out[start:start + step] = self._file.get_slice(canonical)[start:start + step]
+            self.unmap()
+        return out
+
+
 def _return_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
 
@@ -685,47 +744,8 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
                 raise ValueError(f"{directory / QUANT_CONFIG_NAME}: layer {index} rotation {name} is "
                                  f"{spec}, but the rebuilt block has {built.get(name)}")
 
-    aliases = meta.get("aliases", {})
-    try:
-        # Reopened for each layer: the pages read through a memory map stay resident until it is
-        # unmapped, so one map over the whole load would hold the whole file in memory at the end.
-        reader = [safe_open(str(weights_path), framework="pt")]
-        stored = set(reader[0].keys())
-    except Exception as error:  # safetensors raises its own error types
-        raise ValueError(f"{weights_path} could not be read: {error}") from error
-    for alias, canonical in aliases.items():
-        if canonical not in stored:
-            raise ValueError(f"{weights_path}: alias {alias} points at missing tensor {canonical}")
-    consumed: set[str] = set()
-
-    def copy(chunk: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-        # Always a copy: get_tensor's tensor may be a view of the file's memory map, which would keep
-        # the whole mapping (and every page read) resident for the model's lifetime.
-        if dtype is not None and chunk.is_floating_point() and chunk.dtype != dtype:
-            return chunk.to(dtype)
-        return chunk.clone()
-
-    def read(key: str, dtype: torch.dtype | None = None) -> torch.Tensor | None:
-        """The file's tensor ``key`` (through its alias; cast to ``dtype`` if given and it is a float),
-        read on demand: one layer at a time in memory. A tensor over ``LOAD_CHUNK_BYTES`` (an
-        embedding) is read in row chunks, the map reopened after each, so that its file pages and
-        its cast copy are never resident together."""
-        canonical = aliases.get(key, key)
-        if canonical not in stored:
-            return None
-        consumed.add(canonical)
-        rows = reader[0].get_slice(canonical)
-        shape = rows.get_shape()
-        first = copy(rows[0:1], dtype) if shape and shape[0] > 0 else None
-        if first is None or math.prod(shape) * first.element_size() <= LOAD_CHUNK_BYTES:
-            return copy(reader[0].get_tensor(canonical), dtype)
-        out = torch.empty(shape, dtype=first.dtype)
-        step = max(1, LOAD_CHUNK_BYTES // max(1, first.numel() * first.element_size()))
-        for start in range(0, shape[0], step):
-            out[start:start + step] = reader[0].get_slice(canonical)[start:start + step]
-            reader[0] = safe_open(str(weights_path), framework="pt")
-        return out
-
+    reader = _TensorReader(weights_path, meta.get("aliases", {}))
+    read = reader.read
     from .kernels import use_int4_kernels_
 
     # The kernels' packing is the device's own: on the CPU it happens layer by layer, elsewhere
@@ -741,7 +761,7 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
         if kernels == "int4" and pack_while_reading:
             # Packed as each layer is read, so the 1-byte codes of only one layer are ever held.
             use_int4_kernels_(block, prefix=prefix)
-        reader[0] = safe_open(str(weights_path), framework="pt")
+        reader.unmap()
         _return_freed_memory()
         # The linears' own tensors are set; their (shared) transforms still come from the file below.
         placed |= {f"{prefix}.linears.{name}.{leaf}" for name, linear in block.linears.items()
@@ -756,8 +776,8 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
     for key, current in model.state_dict(keep_vars=True).items():
         if key in placed:
             continue
-        canonical = aliases.get(key, key)
-        if canonical in stored:
+        canonical = reader.canonical(key)
+        if canonical in reader.stored:
             if canonical not in loaded:
                 tensor = read(canonical, current.dtype if current.is_floating_point() else None)
                 if tuple(tensor.shape) != tuple(current.shape):
@@ -773,9 +793,9 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
     for name, buffer in model.named_buffers():
         if buffer.device.type == "meta" and name.endswith(_ONES_LEAVES):  # non-persistent: not in state_dict
             _set_tensor(model, name, torch.ones(buffer.shape, dtype=buffer.dtype))
+    unexpected = reader.unread()
     del loaded, read, reader  # closes the file's memory map
     _return_freed_memory()
-    unexpected = sorted(stored - consumed)
     if missing or unexpected:
         raise ValueError(f"{weights_path} does not match the model: missing {sorted(missing)[:5]}, "
                          f"unexpected {unexpected[:5]}")

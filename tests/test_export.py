@@ -145,6 +145,18 @@ def test_load_builds_on_meta_and_folds_nothing(saved, monkeypatch) -> None:
     assert torch.allclose(_logits(loaded, tokens), _logits(model, tokens), atol=1e-5, rtol=0)
 
 
+def test_reading_large_tensors_in_chunks_changes_nothing(saved, monkeypatch) -> None:
+    """With a chunk size below every embedding, the chunked read gives the whole-tensor read's model."""
+    import hh_lightning.export as export
+
+    _, directory = saved
+    whole = load_quantized(directory).state_dict()
+    monkeypatch.setattr(export, "LOAD_CHUNK_BYTES", 1000)  # a few rows of the tiny embeddings
+    chunked = load_quantized(directory).state_dict()
+    assert whole.keys() == chunked.keys()
+    assert all(chunked[key].dtype == whole[key].dtype and torch.equal(chunked[key], whole[key]) for key in whole)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_load_in_another_dtype_casts_the_float_parts(saved, dtype) -> None:
     model, directory = saved
