@@ -43,6 +43,7 @@ codes are stored as they are.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import os
@@ -656,6 +657,17 @@ class _TensorReader:
         return out
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or ``None`` where the C library is another."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    return trim
+
+
 def _return_freed_memory() -> None:
     """Hand freed heap pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
 
@@ -664,18 +676,9 @@ def _return_freed_memory() -> None:
     allocated after them pin the holes: without this the load's peak resident memory grew by
     about three times the quantized model's size.
     """
-    global _LIBC
-    if _LIBC is None:
-        try:
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC: Any = None
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 LOAD_KERNELS = (None, "int4")

@@ -186,7 +186,6 @@ class HHLinear(nn.Module):
         return FoldedLinear(self.transform, bias=bias, codes=codes, scale=scale, zero=zero,
                             bits=self.weight_quantizer.bits)
 
-
     def fold_placeholder(self) -> "FoldedLinear":
         """A ``FoldedLinear`` of the shapes ``fold()`` gives, all zeros, for loaders that fill in
         saved codes: nothing is computed, and the buffers are zeros on the weight's device
