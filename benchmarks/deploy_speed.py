@@ -129,13 +129,16 @@ def prepare(name: str, work_dir: Path, w4a4_export: Path | None) -> dict[str, Pa
         shutil.rmtree(staging, ignore_errors=True)
         _fp_model(name).save_pretrained(staging)
         os.replace(staging, paths["fp32"])
+
+    def saved_fp():  # every quantized form starts from the FP32 model the fp32 row loads
+        return _load("fp32", paths["fp32"], "none")
     if not (paths["hqq_w4_g64"] / "quantization_config.json").is_file():
         print(f"{name}: HQQ W{HQQ_BITS} g{HQQ_GROUP} ...", flush=True)
-        save_quantized(quantize_weights_hqq(_fp_model(name), bits=HQQ_BITS, group_size=HQQ_GROUP),
+        save_quantized(quantize_weights_hqq(saved_fp(), bits=HQQ_BITS, group_size=HQQ_GROUP),
                        paths["hqq_w4_g64"])
     if not (paths["w4a4_as_w4a16"] / "quantization_config.json").is_file():
         print(f"{name}: untrained W4A4 with the demo's structure ...", flush=True)
-        model = wrap_model(_fp_model(name), _demo_quant())
+        model = wrap_model(saved_fp(), _demo_quant())
         with torch.no_grad():
             for block in model.model.layers:
                 block.initialize_weight_quantizers()

@@ -645,8 +645,10 @@ class _TensorReader:
         if canonical not in self.stored:
             return None
         self._consumed.add(canonical)
-        shape = self._file.get_slice(canonical).get_shape()
-        first = self._copy(self._file.get_slice(canonical)[0:1], dtype) if shape and shape[0] > 0 else None
+        rows = self._file.get_slice(canonical)
+        shape = rows.get_shape()
+        # The first row gives the stored (or cast) element size without reading the whole tensor.
+        first = self._copy(rows[0:1], dtype) if shape and shape[0] > 0 else None
         if first is None or math.prod(shape) * first.element_size() <= LOAD_CHUNK_BYTES:
             return self._copy(self._file.get_tensor(canonical), dtype)
         out = torch.empty(shape, dtype=first.dtype)
@@ -682,7 +684,7 @@ def _return_freed_memory() -> None:
 
 
 LOAD_KERNELS = (None, "int4")
-# Tensors larger than this are read in row chunks of about this size (see load_quantized's read).
+# Tensors larger than this are read in row chunks of about this size (_TensorReader.read).
 LOAD_CHUNK_BYTES = 32 * 2**20
 
 
