@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import argparse
 import functools
-import gc
 import importlib
 import json
 import sys
 import time
-import types
 from collections import defaultdict
 
 # (module, attribute path, label, only inside this label or None). The first entry is the layer.
@@ -96,9 +94,6 @@ class PhaseTimer:
                             getattr(other, attribute, None) is original:
                         setattr(other, attribute, wrapped)
             installed.append(label)
-        pipeline = importlib.import_module("hh_lightning.pipeline")
-        if hasattr(pipeline, "gc"):  # the layer's gc.collect is part of "other"
-            pipeline.gc = types.SimpleNamespace(collect=gc.collect)
         return installed
 
 

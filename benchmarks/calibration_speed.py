@@ -280,6 +280,7 @@ def extract_tree(ref: str, directory: Path) -> Path:
     """``hh_lightning`` (and ``configs``) of git ``ref``, extracted under ``directory``."""
     archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "hh_lightning", "configs"],
                              stdout=subprocess.PIPE, check=True).stdout
+    directory.mkdir(parents=True, exist_ok=True)
     subprocess.run(["tar", "-x", "-C", str(directory)], input=archive, check=True)
     return directory
 

@@ -78,13 +78,14 @@ def load_layer_artifact(block: HHDecoderBlock, directory: Path) -> HHDecoderBloc
 
 
 def export_block(pl_module: HHBlockModule, val_loader: Any, artifact_dir: Path, steps: int,
-                 train_dataset: Any = None) -> Path:
+                 train_dataset: Any = None, batch_size: int = 1) -> Path:
     """Fold, measure and save one trained block; returns the metadata path.
 
     The block exported is whichever of its trained and initial states has the lower MSE on the
     held-out windows (``keep_better_state_``), so training never ships a worse layer.
     ``train_dataset`` (``(x, y)`` pairs): the calibration inputs whose statistics GPTQ
-    rounding folds with (``quant.w_rounding='gptq'``; unused otherwise).
+    rounding folds with (``quant.w_rounding='gptq'``; unused otherwise), ``batch_size`` windows
+    at a time: the PCA init's (``RotationInitCallback``), so a resumed fit folds with the same sums.
     """
     block = pl_module.block
     block.eval()
@@ -97,7 +98,7 @@ def export_block(pl_module: HHBlockModule, val_loader: Any, artifact_dir: Path, 
             raise ValueError("quant.w_rounding='gptq' needs the calibration inputs (train_dataset)")
         cached = pl_module.calibration_statistics
         statistics = (cached[1] if cached is not None and cached[0] == len(train_dataset)
-                      else dataset_statistics(block, train_dataset, device=pl_module.device))
+                      else dataset_statistics(block, train_dataset, device=pl_module.device, batch_size=batch_size))
     pl_module.calibration_statistics = None  # the fold is their last use; free them (d × d float64 each)
     folded = copy.deepcopy(block).fold_(statistics)
     mse_folded = block_mse(folded, val_loader, pl_module.device)
@@ -109,33 +110,37 @@ def export_block(pl_module: HHBlockModule, val_loader: Any, artifact_dir: Path, 
 def keep_better_state_(pl_module: HHBlockModule, val_loader: Any) -> tuple[str, float, float]:
     """Leave the block in whichever of its trained and initial states is better on ``val_loader``.
 
-    Both are measured as they ship, with the rotations rounded to ``quant.rotation_dtype``, so the
-    folded block must match the kept one. Ties, and modules without a recorded initial state
-    (checkpoints from older versions), keep the trained state. Returns
+    Both are compared as they ship, with the rotations rounded to ``quant.rotation_dtype``, so the
+    folded block must match the kept one: the trained state is measured here, the initial one is
+    ``pl_module.mse_init`` (measured that way before the first step). Ties, and modules without a
+    recorded initial state (checkpoints from older versions), keep the trained state. Returns
     ``(kept, mse_trained, mse_kept)`` with ``kept`` ``"trained"`` or ``"initial"``.
     """
-    block, device = pl_module.block, pl_module.device
-    mse_trained = block_mse(block.round_rotations_(), val_loader, device)
+    block = pl_module.block
+    mse_trained = block_mse(block.round_rotations_(), val_loader, pl_module.device)
+    mse_initial = float(pl_module.mse_init)
     if pl_module.initial_state is None:
         return "trained", mse_trained, mse_trained
-    trained = pl_module.trainable_state()
-    pl_module.load_trainable_state_(pl_module.initial_state)
-    mse_initial = block_mse(block.round_rotations_(), val_loader, device)
     if mse_initial < mse_trained or (math.isfinite(mse_initial) and not math.isfinite(mse_trained)):
         log.warning("layer %d: training raised the held-out block MSE (%.4g -> %.4g); exporting its initial "
                     "state", pl_module.layer_index, mse_initial, mse_trained)
+        pl_module.load_trainable_state_(pl_module.initial_state)
+        block.round_rotations_()
         return "initial", mse_trained, mse_initial
-    pl_module.load_trainable_state_(trained)
     return "trained", mse_trained, mse_trained
 
 
 def dataset_statistics(block: HHDecoderBlock, dataset: Any, count: int | None = None,
-                       device: torch.device | str = "cpu") -> dict[str, list[torch.Tensor]]:
+                       device: torch.device | str = "cpu", batch_size: int = 1) -> dict[str, list[torch.Tensor]]:
     """``block.collect_statistics`` over the inputs ``x`` of the first ``count`` ``(x, y)`` pairs of ``dataset``
-    (``None``: all), each ``x`` of shape ``(seq_len, hidden)``."""
+    (``None``: all), each ``x`` of shape ``(seq_len, hidden)``, run ``batch_size`` windows at a time.
+
+    The sums' float rounding depends on ``batch_size``, so every caller that must reproduce
+    another's statistics (a resumed fit's GPTQ fold) passes the same one.
+    """
     count = len(dataset) if count is None else min(count, len(dataset))
     statistics = None
-    for index in range(count):
-        x, _ = dataset[index]
-        statistics = block.collect_statistics(x[None].to(device), statistics)
+    for start in range(0, count, batch_size):
+        x = torch.stack([dataset[index][0] for index in range(start, min(start + batch_size, count))])
+        statistics = block.collect_statistics(x.to(device), statistics)
     return statistics

@@ -107,6 +107,7 @@ def write_boundary_file(
     tensor_iterable: Iterable[torch.Tensor],
     shape: Sequence[int],
     dtype: str | torch.dtype = "bfloat16",
+    durable: bool = True,
 ) -> dict[str, Any]:
     """Write a boundary file of `shape = (n_samples, seq_len, hidden)` atomically.
 
@@ -114,6 +115,8 @@ def write_boundary_file(
     `(batch, seq_len, hidden)` or a single `(seq_len, hidden)`, in sample
     order; together they must hold exactly `n_samples`. The file is written
     under a temporary name in the same directory and renamed at the end.
+    `durable` flushes it to disk before the rename, so it also survives a
+    power loss; a file that every rerun recomputes can skip that wait.
     Returns `{"bytes": ..., "sha256": ...}` for a manifest.
     """
     path = Path(path)
@@ -139,7 +142,8 @@ def write_boundary_file(
                 digest.update(data)
                 written += chunk.shape[0]
             out.flush()
-            os.fsync(out.fileno())
+            if durable:
+                os.fsync(out.fileno())
         if written != n_samples:
             raise ValueError(f"{path.name}: got {written} samples, shape says n_samples={n_samples}")
         os.replace(tmp_name, path)

@@ -36,7 +36,8 @@ class RotationInitCallback(Callback):
             return
         dataset = trainer.datamodule.train_dataset
         count = len(dataset) if self.statistics_samples is None else min(self.statistics_samples, len(dataset))
-        statistics = dataset_statistics(pl_module.block, dataset, count, pl_module.device)
+        statistics = dataset_statistics(pl_module.block, dataset, count, pl_module.device,
+                                        trainer.datamodule.hparams.batch_size)
         # Rotation-independent (collect_statistics), so the GPTQ fold at the end reuses them.
         pl_module.calibration_statistics = (count, statistics)
         pl_module.block.init_rotations_pca_(statistics)
@@ -74,4 +75,4 @@ class FoldExportCallback(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: HHBlockModule) -> None:
         export_block(pl_module, trainer.datamodule.val_dataloader(), self.artifact_dir, trainer.global_step,
-                     trainer.datamodule.train_dataset)
+                     trainer.datamodule.train_dataset, trainer.datamodule.hparams.batch_size)

@@ -24,14 +24,19 @@ from .quantizers import dequantize_codes, quantize_codes
 
 def damped_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(U, dead)``: the upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, and the
-    mask of input channels that never saw a nonzero input (``H_ii = 0``; their diagonal is set to 1)."""
+    mask of input channels that never saw a nonzero input (``H_ii = 0``; their diagonal is set to 1).
+
+    With ``J`` the order-reversing permutation and ``J H J = L Lᵀ``, ``H⁻¹ = (J L⁻ᵀ J)(J L⁻¹ J)``
+    and ``J L⁻¹ J`` is upper triangular with a positive diagonal: one Cholesky factor and one
+    triangular inverse, where ``chol(chol_inverse(chol(H)))`` takes two factors and a full inverse.
+    """
     hessian = hessian.double().clone()
     dead = torch.diagonal(hessian) <= 0
     hessian[dead, dead] = 1.0
     hessian.diagonal().add_(damp * torch.diagonal(hessian).mean())
-    lower = torch.linalg.cholesky(hessian)
-    inverse = torch.cholesky_inverse(lower)
-    return torch.linalg.cholesky(inverse, upper=True), dead
+    lower = torch.linalg.cholesky(hessian.flip(0, 1))
+    identity = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    return torch.linalg.solve_triangular(lower, identity, upper=False).flip(0, 1), dead
 
 
 @torch.no_grad()

@@ -194,11 +194,14 @@ class HHBlockModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         # Runs after the init callbacks' on_train_start: record where training starts from.
+        # mse_init is measured as the initial state would ship (rotations rounded to quant.rotation_dtype,
+        # then put back), so export compares it with the trained state without measuring it again.
         if not bool(self.initialized):
             loader = self.trainer.datamodule.val_dataloader()
-            self.mse_init.fill_(block_mse(self.block, loader, self.device))
-            self.initialized.fill_(True)
             self.initial_state = self.trainable_state()
+            self.mse_init.fill_(block_mse(self.block.round_rotations_(), loader, self.device))
+            self.load_trainable_state_(self.initial_state)
+            self.initialized.fill_(True)
             self.log("val/mse_init", self.mse_init.item())
 
     def trainable_state(self) -> dict[str, torch.Tensor]:

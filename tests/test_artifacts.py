@@ -95,7 +95,8 @@ def test_gptq_export_reuses_the_pca_statistics_and_equals_a_resumed_fits_export(
         module = HHBlockModule(quant=quant, layer_index=1)
         module.attach_source(model.model.layers[1], model.config, model.model.rotary_emb)
         module.configure_model()
-        trainer = SimpleNamespace(datamodule=SimpleNamespace(train_dataset=pairs))
+        trainer = SimpleNamespace(datamodule=SimpleNamespace(train_dataset=pairs,
+                                                             hparams=SimpleNamespace(batch_size=3)))
         RotationInitCallback().on_train_start(trainer, module)
         module.block.initialize_weight_quantizers()
         with torch.no_grad():  # "training" moved the rotations away from where the statistics were taken
@@ -108,7 +109,7 @@ def test_gptq_export_reuses_the_pca_statistics_and_equals_a_resumed_fits_export(
     modules[1].calibration_statistics = None  # as after a resume from a checkpoint
     directories = [tmp_path / "cached", tmp_path / "recomputed"]
     for module, directory in zip(modules, directories):
-        export_block(module, val, directory, 0, pairs)
+        export_block(module, val, directory, 0, pairs, batch_size=3)  # windows 0-2, then 3, as the init took them
         assert module.calibration_statistics is None  # freed after the fold
     cached, recomputed = (load_file(artifact_paths(d, 1)[0]) for d in directories)
     assert cached.keys() == recomputed.keys()

@@ -89,3 +89,17 @@ def test_codes_equal_the_column_by_column_definition_and_rows_are_independent(bi
     top = gptq_codes(weight[:25], hessian, scale[:25], zero[:25], bits, block_size=32)
     bottom = gptq_codes(weight[25:], hessian, scale[25:], zero[25:], bits, block_size=32)
     assert torch.equal(torch.cat([top, bottom]), codes)
+
+
+@pytest.mark.parametrize("dead_channels", [0, 3])
+def test_the_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(dead_channels) -> None:
+    _, inputs = _layer(rows=256, seed=2)
+    inputs[:, :dead_channels] = 0.0
+    hessian, damp = (inputs.T @ inputs).double(), 0.05
+    upper, dead = damped_inverse_cholesky(hessian, damp)
+    assert dead.sum() == dead_channels
+    damped = hessian.clone()
+    damped[dead, dead] = 1.0
+    damped.diagonal().add_(damp * damped.diagonal().mean())
+    assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
+    torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-10, atol=1e-12)

@@ -177,3 +177,20 @@ def test_inference_cache_matches_wy_and_follows_updates(k: int) -> None:
         rotation.vectors.add_(0.5)  # an in-place update must invalidate the cache
         assert torch.allclose(rotation.rotate(x), householder_apply(x, rotation.vectors), atol=1e-5)
     assert rotation.rotate(x).requires_grad  # with gradients on, the WY path runs
+
+
+@pytest.mark.parametrize("dim,count", [(1024, 32), (300, 32), (64, 0)])
+def test_top_eigenvectors_match_eigh(dim: int, count: int) -> None:
+    """Subspace iteration (count ≪ dim) or eigh: orthonormal rows whose Rayleigh quotients are the top
+    eigenvalues, in order, on a decaying spectrum like an activation covariance's."""
+    generator = torch.Generator().manual_seed(dim)
+    basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=torch.float64))
+    eigenvalues = 100.0 * torch.arange(1, dim + 1, dtype=torch.float64) ** -1.5
+    covariance = (basis * eigenvalues) @ basis.T
+    top = top_eigenvectors(covariance, count).double()
+    assert top.shape == (count, dim)
+    torch.testing.assert_close(top @ top.T, torch.eye(count, dtype=torch.float64), atol=1e-5, rtol=0)
+    rayleigh = ((top @ covariance) * top).sum(1)
+    torch.testing.assert_close(rayleigh, eigenvalues[:count], rtol=1e-3, atol=0)
+    alignment = (top * basis[:, :count].T).sum(1).abs()
+    assert bool((alignment[:8] > 0.999).all())  # the well-separated leading directions themselves
