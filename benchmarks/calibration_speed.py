@@ -316,7 +316,9 @@ def per_layer_overhead(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="layer_overhead_") as scratch:
         scratch = Path(scratch)
         if args.baseline_ref:
-            trees = {f"before ({args.baseline_ref})": extract_tree(args.baseline_ref, scratch / "baseline"),
+            commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.baseline_ref],
+                                    stdout=subprocess.PIPE, text=True, check=True).stdout.strip()
+            trees = {f"before ({commit})": extract_tree(commit, scratch / "baseline"),
                      "after (this tree)": REPO}
         names = list(trees)
         runs: dict[str, list[dict]] = {name: [] for name in names}

@@ -14,7 +14,9 @@ so that one's memory never counts against another's:
 
 ``hqq_w4_g64`` is also served with its float parts (embeddings, lm_head, norms, attention) in
 bf16 (``load_quantized(dtype=torch.bfloat16)``): at a 151936-token vocabulary the fp32 embedding
-is most of what a W4 model holds. ``--dequantizing`` adds the same two quantized forms on the dequantizing ``FoldedLinear`` path,
+is most of what a W4 model holds. Both quantized forms are also served with an int8 embedding
+and lm_head (``load_quantized(head="int8")``, ``kernels.Int8Linear``), the rest as ``int4``, and
+``hqq_w4_g64`` with both the int8 head and the rest in bf16. ``--dequantizing`` adds the same two quantized forms on the dequantizing ``FoldedLinear`` path,
 to show what the kernels buy.
 
 Models: ``smollm2`` (SmolLM2-135M-Instruct, the embedded model) and ``qwen2.5-0.5b-shaped``
@@ -87,16 +89,17 @@ def _dir_mib(directory: Path) -> float:
 
 # ----------------------------------------------------------------------------- preparing the models
 def _fp_model(name: str):
+    """``(model, tokenizer)``; the random-weight shape has no tokenizer (``None``)."""
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     if name == "smollm2":
         from hh_lightning.models import embedded_model_dir, load_model
 
-        return load_model(str(embedded_model_dir()))[0]
+        return load_model(str(embedded_model_dir()))
     torch.manual_seed(0)
     config = Qwen2Config(**QWEN05_SHAPE)
-    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(), None
 
 
 def _demo_quant():
@@ -127,15 +130,19 @@ def prepare(name: str, work_dir: Path, w4a4_export: Path | None) -> dict[str, Pa
     if not (paths["fp32"] / "config.json").is_file():
         staging = base / ".fp32-staging"
         shutil.rmtree(staging, ignore_errors=True)
-        _fp_model(name).save_pretrained(staging)
+        model, tokenizer = _fp_model(name)
+        model.save_pretrained(staging)
+        if tokenizer is not None:  # so train.py evaluate can score the saved forms
+            tokenizer.save_pretrained(staging)
         os.replace(staging, paths["fp32"])
+    tokenizer = _saved_tokenizer(paths["fp32"])
 
     def saved_fp():  # every quantized form starts from the FP32 model the fp32 row loads
         return _load("fp32", paths["fp32"], "none")
     if not (paths["hqq_w4_g64"] / "quantization_config.json").is_file():
         print(f"{name}: HQQ W{HQQ_BITS} g{HQQ_GROUP} ...", flush=True)
         save_quantized(quantize_weights_hqq(saved_fp(), bits=HQQ_BITS, group_size=HQQ_GROUP),
-                       paths["hqq_w4_g64"])
+                       paths["hqq_w4_g64"], tokenizer=tokenizer)
     if not (paths["w4a4_as_w4a16"] / "quantization_config.json").is_file():
         print(f"{name}: untrained W4A4 with the demo's structure ...", flush=True)
         model = wrap_model(saved_fp(), _demo_quant())
@@ -143,15 +150,28 @@ def prepare(name: str, work_dir: Path, w4a4_export: Path | None) -> dict[str, Pa
             for block in model.model.layers:
                 block.initialize_weight_quantizers()
                 block.fold_()
-        save_quantized(model, paths["w4a4_as_w4a16"])
+        save_quantized(model, paths["w4a4_as_w4a16"], tokenizer=tokenizer)
     return paths
+
+
+def _saved_tokenizer(directory: Path):
+    """The tokenizer saved in ``directory``, or ``None`` where there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):
+        return None
 
 
 # ----------------------------------------------------------------------------- one measurement
 # How a quantized form is served: load_quantized's kernels and the dtype of its float parts.
-SERVINGS = {"none": (None, None), "int4": ("int4", None), "int4-bf16": ("int4", "bfloat16")}
+SERVINGS = {"none": (None, None, "fp"), "int4": ("int4", None, "fp"), "int4-bf16": ("int4", "bfloat16", "fp"),
+            "int4-int8head": ("int4", None, "int8"), "int4-bf16-int8head": ("int4", "bfloat16", "int8")}
 SERVING_LABELS = {"none": "dequantizing", "int4": "int4 kernels",
-                  "int4-bf16": "int4 kernels, embeddings and attention in bf16"}
+                  "int4-bf16": "int4 kernels, embeddings and attention in bf16",
+                  "int4-int8head": "int4 kernels, int8 embedding and lm_head",
+                  "int4-bf16-int8head": "int4 kernels, int8 embedding and lm_head, the rest in bf16"}
 
 
 def _load(form: str, directory: Path, serving: str):
@@ -164,8 +184,9 @@ def _load(form: str, directory: Path, serving: str):
     from hh_lightning.export import load_quantized
     from hh_lightning.kernels import serve_weight_only_
 
-    kernels, dtype = SERVINGS[serving]
-    model = load_quantized(directory, kernels=kernels, dtype=None if dtype is None else getattr(torch, dtype))
+    kernels, dtype, head = SERVINGS[serving]
+    model = load_quantized(directory, kernels=kernels, dtype=None if dtype is None else getattr(torch, dtype),
+                           head=head)
     return serve_weight_only_(model) if form == "w4a4_as_w4a16" else model
 
 
@@ -271,7 +292,8 @@ def main() -> None:
 
     from _common import machine_info, print_markdown_table, write_json_atomic
 
-    forms = [("fp32", "none"), *((form, "int4") for form in KERNEL_FORMS), ("hqq_w4_g64", "int4-bf16")]
+    forms = [("fp32", "none"), *((form, "int4") for form in KERNEL_FORMS), ("hqq_w4_g64", "int4-bf16"),
+             *((form, "int4-int8head") for form in KERNEL_FORMS), ("hqq_w4_g64", "int4-bf16-int8head")]
     if args.dequantizing:
         forms += [(form, "none") for form in KERNEL_FORMS]
     passed = ["--repeats", str(args.repeats), "--prefill", str(args.prefill), "--decode", str(args.decode),

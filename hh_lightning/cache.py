@@ -43,6 +43,7 @@ from hh_lightning.files import (
     fsync_path,
     remove_leftovers,
     sha256_file,
+    temporary_beside,
 )
 from hh_lightning.models import decoder_layers
 
@@ -125,7 +126,7 @@ def write_boundary_file(
     path.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     written = 0
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as out:
             for chunk in tensor_iterable:

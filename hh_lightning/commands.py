@@ -86,10 +86,11 @@ def _check_device(device: str) -> None:
 
 
 SERVING_KERNELS = ("none", "int4")
+SERVING_HEADS = ("fp", "int8")
 
 
 def _check_serving(config: "EvaluateConfig | GenerateConfig") -> None:
-    """The fields both commands share: ``device``, ``model_dtype``, ``kernels``."""
+    """The fields both commands share: ``device``, ``model_dtype``, ``kernels``, ``head``."""
     _check_device(config.device)
     if config.model_dtype not in MODEL_DTYPES:
         raise ValueError(f"model_dtype={config.model_dtype!r} is not one of {MODEL_DTYPES}")
@@ -98,14 +99,20 @@ def _check_serving(config: "EvaluateConfig | GenerateConfig") -> None:
     if config.kernels != "none" and not is_saved_quantized(config.model):
         raise ValueError(f"kernels={config.kernels!r} runs a saved hh_lightning model's codes; {config.model} "
                          "is an FP source (use kernels=none)")
+    if config.head not in SERVING_HEADS:
+        raise ValueError(f"head={config.head!r} is not one of {SERVING_HEADS}")
+    if config.head != "fp" and not is_saved_quantized(config.model):
+        raise ValueError(f"head={config.head!r} serves a saved hh_lightning model's embedding and lm_head; "
+                         f"{config.model} is an FP source (use head=fp)")
 
 
 def load_for_inference(source: str, *, device: str = "cpu", dtype: str = "float32",
-                       kernels: str = "none") -> tuple[Any, Any, str]:
+                       kernels: str = "none", head: str = "fp") -> tuple[Any, Any, str]:
     """``(model, tokenizer, kind)`` for a model source, in eval mode on ``device``.
 
     A saved hh_lightning directory loads with ``load_quantized`` (its own dtype,
-    ``kind = "hh_lightning"``; ``kernels`` as ``load_quantized``'s, ``none`` for its default) and the
+    ``kind = "hh_lightning"``; ``kernels`` and ``head`` as ``load_quantized``'s, ``none`` for its
+    default kernels) and the
     tokenizer saved beside it; any other
     source with ``models.load_model`` in ``dtype`` (``kind = "fp"``).
     """
@@ -125,7 +132,7 @@ def load_for_inference(source: str, *, device: str = "cpu", dtype: str = "float3
         except (OSError, ValueError) as error:
             raise ValueError(f"model: {directory} holds no tokenizer ({error}); save it with "
                              "save_quantized(..., tokenizer=tokenizer)") from None
-        model = load_quantized(directory, device=device, kernels=None if kernels == "none" else kernels)
+        model = load_quantized(directory, device=device, kernels=None if kernels == "none" else kernels, head=head)
         return model, tokenizer, "hh_lightning"
     resolved, gguf_file = resolve_model_source(source, None)
     model, tokenizer = load_model(resolved, gguf_file=gguf_file, dtype=getattr(torch, dtype), device=device)
@@ -157,6 +164,9 @@ class EvaluateConfig:
         kernels: how a saved hh_lightning model runs its 4-bit linears: ``none`` dequantizes each weight
             at every call (exact); ``int4`` uses packed-int4 matmuls (``kernels.py``: faster decoding,
             bf16 compute, so about 1e-2 relative error on the logits, as the FP model run in bf16).
+        head: how a saved hh_lightning model holds its embedding table and lm_head: ``fp`` as saved
+            (16-bit); ``int8`` as per-row int8 codes, the lm_head through the int8 matmul (a quarter
+            of their fp32 memory and a faster decoding step; an extra rounding, ``kernels.py``).
         output: the JSON file written (default: ``runs/evaluate/<model>_<text>_<seq_len>x<windows>.json``).
     """
 
@@ -170,6 +180,7 @@ class EvaluateConfig:
     device: str = "auto"
     model_dtype: str = "float32"
     kernels: str = "none"
+    head: str = "fp"
     output: str | None = None
 
     def check(self) -> None:
@@ -229,7 +240,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
 
     started = time.perf_counter()
     model, tokenizer, kind = load_for_inference(config.model, device=resolve_device(config.device),
-                                                dtype=config.model_dtype, kernels=config.kernels)
+                                                dtype=config.model_dtype, kernels=config.kernels,
+                                                head=config.head)
     loaded = time.perf_counter()
     text = load_wikitext_text(config.split, config.data_dir) if config.text == WIKITEXT else load_text_file(config.text)
     tokens = tokenize_text(tokenizer, text)
@@ -280,6 +292,9 @@ class GenerateConfig:
         kernels: how a saved hh_lightning model runs its 4-bit linears: ``none`` dequantizes each weight
             at every call (exact); ``int4`` uses packed-int4 matmuls (``kernels.py``: faster decoding,
             bf16 compute, so about 1e-2 relative error on the logits, as the FP model run in bf16).
+        head: how a saved hh_lightning model holds its embedding table and lm_head: ``fp`` as saved
+            (16-bit); ``int8`` as per-row int8 codes, the lm_head through the int8 matmul (a quarter
+            of their fp32 memory and a faster decoding step; an extra rounding, ``kernels.py``).
     """
 
     model: str
@@ -295,6 +310,7 @@ class GenerateConfig:
     device: str = "auto"
     model_dtype: str = "float32"
     kernels: str = "none"
+    head: str = "fp"
 
     def check(self) -> None:
         """Every field, before any model is loaded; a one-line error naming the field."""
@@ -339,7 +355,8 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
     import torch
 
     model, tokenizer, kind = load_for_inference(config.model, device=resolve_device(config.device),
-                                                dtype=config.model_dtype, kernels=config.kernels)
+                                                dtype=config.model_dtype, kernels=config.kernels,
+                                                head=config.head)
     input_ids = prompt_ids(tokenizer, config).to(next(model.parameters()).device)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     settings: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "do_sample": config.sample,

@@ -52,6 +52,7 @@ import shutil
 import struct
 import uuid
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import torch
@@ -644,19 +645,33 @@ class _TensorReader:
         canonical = self.canonical(key)
         if canonical not in self.stored:
             return None
-        self._consumed.add(canonical)
-        rows = self._file.get_slice(canonical)
-        shape = rows.get_shape()
-        # The first row gives the stored (or cast) element size without reading the whole tensor.
-        first = self._copy(rows[0:1], dtype) if shape and shape[0] > 0 else None
-        if first is None or math.prod(shape) * first.element_size() <= LOAD_CHUNK_BYTES:
-            return self._copy(self._file.get_tensor(canonical), dtype)
+        chunks = self.read_rows(canonical, dtype)
+        start, first = next(chunks)
+        shape = self._file.get_slice(canonical).get_shape()
+        if first.shape[:1] == tuple(shape[:1]):  # one chunk: the whole tensor
+            return first
         out = torch.empty(shape, dtype=first.dtype)
+        out[:first.shape[0]] = first
+        for start, chunk in chunks:
+            out[start:start + chunk.shape[0]] = chunk
+        return out
+
+    def read_rows(self, key: str, dtype: torch.dtype | None = None) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(first row, rows)`` copies of the stored tensor ``key`` (through its alias), in order, each of
+        at most ``LOAD_CHUNK_BYTES`` once cast to ``dtype`` (one chunk when the whole tensor fits), the
+        map reopened after each; a 0-d or empty tensor is one chunk."""
+        canonical = self.canonical(key)
+        self._consumed.add(canonical)
+        shape = self._file.get_slice(canonical).get_shape()
+        # The first row gives the stored (or cast) element size without reading the whole tensor.
+        first = self._copy(self._file.get_slice(canonical)[0:1], dtype) if shape and shape[0] > 0 else None
+        if first is None or math.prod(shape) * first.element_size() <= LOAD_CHUNK_BYTES:
+            yield 0, self._copy(self._file.get_tensor(canonical), dtype)
+            return
         step = max(1, LOAD_CHUNK_BYTES // max(1, first.numel() * first.element_size()))
         for start in range(0, shape[0], step):
-            out[start:start + step] = self._file.get_slice(canonical)[start:start + step]
+            yield start, self._copy(self._file.get_slice(canonical)[start:start + step], dtype)
             self.unmap()
-        return out
 
 
 @functools.cache
@@ -684,12 +699,44 @@ def _return_freed_memory() -> None:
 
 
 LOAD_KERNELS = (None, "int4")
+LOAD_HEADS = ("fp", "int8")
 # Tensors larger than this are read in row chunks of about this size (_TensorReader.read).
 LOAD_CHUNK_BYTES = 32 * 2**20
 
 
+def _int8_head_(model: nn.Module, reader: _TensorReader, dtype: torch.dtype) -> set[str]:
+    """Replace ``model``'s embedding table and ``lm_head`` by ``Int8Embedding`` / ``Int8Linear`` (one set of
+    int8 rows when they are tied), quantized chunk by chunk as they are read, so the 16-bit table is
+    never whole in memory. Returns the state-dict keys now set."""
+    from .kernels import Int8Embedding, Int8Linear, int8_rows
+
+    names = {module: name for name, module in model.named_modules()}
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def int8_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        key = reader.canonical(f"{names[module]}.weight")
+        if key not in rows:
+            if key not in reader.stored:
+                raise ValueError(f"{reader.path}: {key} is not in the file")
+            codes = torch.empty(module.weight.shape, dtype=torch.int8)
+            scale = torch.empty(module.weight.shape[0])
+            for start, chunk in reader.read_rows(key):
+                codes[start:start + chunk.shape[0]], scale[start:start + chunk.shape[0]] = int8_rows(chunk)
+            rows[key] = codes, scale
+        return rows[key]
+
+    model.set_input_embeddings(Int8Embedding(*int8_of(embedding), dtype=dtype))
+    if head is not None:
+        if getattr(head, "bias", None) is not None:
+            raise ValueError(f"head='int8' takes a bias-free lm_head; {names[head]} has a bias")
+        model.set_output_embeddings(Int8Linear(*int8_of(head)))
+    prefixes = (names[embedding], *(() if head is None else (names[head],)))
+    return {key for key in model.state_dict() if key.rsplit(".", 1)[0] in prefixes}
+
+
 def load_quantized(directory: str | os.PathLike, *, device: str | torch.device = "cpu",
-                   kernels: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
+                   kernels: str | None = None, dtype: torch.dtype | None = None, head: str = "fp") -> nn.Module:
     """Rebuild a runnable folded model saved by ``save_quantized``.
 
     ``kernels``: ``None`` (default) keeps the dequantizing ``FoldedLinear``s;
@@ -697,6 +744,10 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
     (``kernels.use_int4_kernels_``: grids it cannot take stay dequantizing, with a warning).
     ``dtype``: the dtype of the float parts outside the linears' grids (embeddings, lm_head,
     norms, attention); default the saved model's (``quantization_config.json``'s ``dtype``).
+    ``head``: ``fp`` keeps the embedding table and lm_head as saved (16-bit, cast to ``dtype``);
+    ``int8`` serves them from per-row int8 codes (``kernels.Int8Embedding``/``Int8Linear``: a
+    quarter of their fp32 memory, the lm_head through the int8 matmul), an extra rounding the
+    export does not hold.
 
     Checks ``quantization_config.json`` against its ``content_sha256`` and every recorded file
     (``model.safetensors``, ``config.json``) against its size and sha256 first
@@ -709,6 +760,8 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
 
     if kernels not in LOAD_KERNELS:
         raise ValueError(f"kernels={kernels!r}: use one of {LOAD_KERNELS}")
+    if head not in LOAD_HEADS:
+        raise ValueError(f"head={head!r}: use one of {LOAD_HEADS}")
     directory = Path(directory)
     meta = _read_quant_config(directory)
     weights_path = directory / WEIGHTS_NAME
@@ -772,6 +825,9 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
         placed |= {f"{prefix}.linears.{name}.{leaf}" for name, linear in block.linears.items()
                    for leaf in (*linear._parameters, *linear._buffers)}
 
+    if head == "int8":
+        placed |= _int8_head_(model, reader, dtype)
+        _return_freed_memory()
     # Every other tensor: from the file (cast once to the model's dtype; tied names share one
     # tensor), else rebuilt by the block itself, else (the norms' γ = 1) ones.
     rebuilt = set().union(*(_rebuilt_keys(entry["prefix"], layers[index])

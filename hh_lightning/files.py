@@ -117,6 +117,25 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once: os.umask can only be read by setting it, and a write racing another thread must not see 0o022.
+_CREATED_FILE_MODE = 0o666 & ~_umask()
+
+
+def temporary_beside(path: Path, suffix: str = ".tmp") -> tuple[int, Path]:
+    """An open ``(fd, path)`` for a new hidden temporary in ``path``'s directory, with the mode a plain
+    ``open(path, "w")`` would give it, not ``mkstemp``'s owner-only 0600: an export must be readable
+    by whoever serves it."""
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
+    os.fchmod(fd, _CREATED_FILE_MODE)
+    return fd, Path(name)
+
+
 @contextlib.contextmanager
 def atomic_write_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """A temporary path beside ``path`` to write; renamed onto ``path`` when the block succeeds.
@@ -129,9 +148,8 @@ def atomic_write_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Pat
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{suffix}")
+    fd, temporary = temporary_beside(path, f".tmp{suffix}")
     os.close(fd)
-    temporary = Path(name)
     try:
         yield temporary
         fsync_path(temporary)

@@ -22,6 +22,13 @@ path, ~300-500× slower on an AVX-512 CPU, ``benchmarks/deploy_speed.py`` notes)
 (relative ~2⁻⁹) against the float32 dequantizing path; ``torch.float32`` computes
 ``(q − 8)·s + z`` in float32 (≤ a few ulp from ``Ŵ``) for checks.
 
+``Int8Embedding`` and ``Int8Linear`` serve the embedding table and ``lm_head`` from per-row
+symmetric int8 codes (one set shared when the two are tied): a quarter of their fp32 bytes,
+and the lm_head's product through torch's int8 weight-only matmul
+(``torch._weight_int8pack_mm``, bf16 on the CPU; elsewhere the rows are dequantized per call).
+At a small model's vocabulary the fp32 head is the largest tensor and the largest matmul of a
+decoding step. This rounding is not in the export: it is a serving choice, like the bf16 compute.
+
 Each ``Int4Linear`` also keeps the exact grid (``scale``, ``zero`` in their
 smallest lossless dtype, as the export stores them), so ``dequantized_weight()``
 reproduces the ``FoldedLinear``'s weight bit for bit and ``to_folded()`` gives
@@ -39,9 +46,9 @@ from torch import nn
 from .linear import FoldedLinear, InputTransform
 from .quantizers import dequantize_codes
 
-__all__ = ["KERNEL_BITS", "KERNEL_GROUP_SIZES", "Int4Layout", "Int4LayoutError", "Int4Linear",
-           "KernelReport", "int4_layout", "kernel_group_size", "layout_codes", "serve_weight_only_",
-           "use_int4_kernels_"]
+__all__ = ["KERNEL_BITS", "KERNEL_GROUP_SIZES", "Int4Layout", "Int4LayoutError", "Int4Linear", "Int8Embedding",
+           "Int8Linear", "KernelReport", "int4_layout", "int8_rows", "kernel_group_size", "layout_codes",
+           "serve_weight_only_", "use_int4_kernels_"]
 
 KERNEL_BITS = 4
 # What _weight_int4pack_mm_for_cpu accepts (torch 2.13); tinygemm on CUDA takes the same.
@@ -54,6 +61,9 @@ CPU_ROW_MULTIPLE = 16
 CUDA_INNER_K_TILES = (8, 4, 2)
 CUDA_K_TILE = 16
 DEFAULT_COMPUTE_DTYPE = torch.bfloat16
+# Symmetric int8 rows: codes in [-INT8_LEVELS, INT8_LEVELS] (−128 unused, so the grid is symmetric).
+INT8_LEVELS = 127
+INT8_BLOCK_ELEMENTS = 2**20  # int8_rows works on about this many entries at a time
 
 
 class Int4LayoutError(ValueError):
@@ -254,6 +264,80 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"kernel_group_size={self.kernel_group_size}, compute_dtype={self.scale_and_zero.dtype}")
+
+
+def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of ``weight`` ``(rows, cols)``: ``(codes, scale)``, int8 ``(rows, cols)`` and
+    float32 ``(rows,)``, with ``weight ≈ codes · scale[:, None]`` to within ``scale / 2`` per entry
+    (``scale = max|row| / 127``; an all-zero row gets scale 1 and zero codes)."""
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], device=weight.device)
+    # In blocks of rows, so the float32 temporaries stay small next to a vocabulary-sized table.
+    step = max(1, INT8_BLOCK_ELEMENTS // max(1, weight.shape[1]))
+    for start in range(0, weight.shape[0], step):
+        block = weight[start:start + step].to(torch.float32, copy=True)  # divided in place below
+        absmax = block.abs().amax(dim=1)
+        block_scale = torch.where(absmax > 0, absmax / INT8_LEVELS, torch.ones_like(absmax))
+        codes[start:start + step] = block.div_(block_scale[:, None]).round_().clamp_(-INT8_LEVELS, INT8_LEVELS)
+        scale[start:start + step] = block_scale
+    return codes, scale
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table as int8 rows: ``forward(ids)`` is ``codes[ids] · scale[ids]`` in ``dtype``.
+
+    Args:
+        codes: int8 ``(vocab, hidden)`` (``int8_rows``); shared with an ``Int8Linear`` when tied.
+        scale: float32 ``(vocab,)``.
+        dtype: the dtype of the embeddings returned (the model's float dtype).
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.out_dtype = dtype
+        self.num_embeddings, self.embedding_dim = codes.shape
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return (self.codes[input_ids].float() * self.scale[input_ids].unsqueeze(-1)).to(self.out_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 rows"
+
+
+class Int8Linear(nn.Module):
+    """A bias-free linear (the ``lm_head``) from int8 rows: ``y = (x Qᵀ) · scale``, ``(..., in) → (..., out)``.
+
+    On the CPU, ``x Qᵀ`` runs in ``compute_dtype`` through ``torch._weight_int8pack_mm`` (fast for bf16)
+    with unit kernel scales, and the exact float32 ``scale`` multiplies its output; elsewhere the
+    weight is dequantized per call. The output returns in the input's dtype.
+    """
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor,
+                 compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE) -> None:
+        super().__init__()
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("unit_scale", torch.ones(codes.shape[0], dtype=compute_dtype), persistent=False)
+        self.compute_dtype = compute_dtype
+        self.out_features, self.in_features = codes.shape
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.codes.float() * self.scale.unsqueeze(-1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if rows.device.type == "cpu":
+            out = torch._weight_int8pack_mm(rows.to(self.compute_dtype), self.codes, self.unit_scale).float()
+            out = out * self.scale
+        else:  # pragma: no cover - no GPU on the test machines
+            out = rows.float() @ self.dequantized_weight().T
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 rows, " \
+               f"compute_dtype={self.compute_dtype}"
 
 
 @dataclass

@@ -64,6 +64,21 @@ def test_evaluate_with_int4_kernels_scores_the_kernel_model(models, tmp_path, ca
     assert not (tmp_path / "fp.json").exists()
 
 
+def test_evaluate_with_an_int8_head_scores_the_int8_head_model(models, tmp_path, capsys) -> None:
+    from transformers import AutoTokenizer
+
+    tokens = tokenize_text(AutoTokenizer.from_pretrained(models["quantized"]), load_wikitext_text("test", WIKITEXT_DIR))
+    record = _evaluate(models["quantized"], tmp_path / "int8.json", "--kernels", "int4", "--head", "int8")
+    expected = perplexity(load_quantized(models["quantized"], kernels="int4", head="int8"), tokens, SEQ_LEN,
+                          WINDOWS, progress=False)
+    assert record["result"]["ppl"] == expected.ppl
+    exact = perplexity(load_quantized(models["quantized"]), tokens, SEQ_LEN, WINDOWS, progress=False)
+    assert abs(expected.ppl / exact.ppl - 1) < 0.02  # int8 rows and bf16 compute: a small, bounded change
+    with pytest.raises(SystemExit):
+        _evaluate(models["fp"], tmp_path / "fp.json", "--head", "int8")
+    assert "error: head='int8' serves a saved hh_lightning model's embedding" in capsys.readouterr().err
+
+
 def test_evaluate_takes_the_fp_model_and_any_text_file(models, tmp_path) -> None:
     from hh_lightning.models import load_model
 
@@ -153,10 +168,11 @@ def test_help_lists_the_three_commands_and_fit_still_runs_the_lightning_cli(caps
 # test_every_command_field_has_a_bad_value keeps both tables complete as fields are added.
 BAD_COMMAND_VALUES = {
     **{f"evaluate.{name}": value for name, value in dict(
-        split="tset", seq_len=1, windows=0, batch_size=0, device="gpu9", model_dtype="float64", kernels="int8").items()},
+        split="tset", seq_len=1, windows=0, batch_size=0, device="gpu9", model_dtype="float64", kernels="int8",
+        head="int4").items()},
     **{f"generate.{name}": value for name, value in dict(
         prompt="", max_new_tokens=0, sample="maybe", temperature=0.0, top_p=1.5, top_k=-1, seed=-1, chat="maybe",
-        system="be brief", device="gpu9", model_dtype="float64", kernels="int8").items()},
+        system="be brief", device="gpu9", model_dtype="float64", kernels="int8", head="int4").items()},
 }
 NOT_UTF8 = b"caf\xe9 \xff\xfe lobster\n"
 

@@ -59,6 +59,16 @@ def test_write_text_atomic_leaves_no_temporary(tmp_path) -> None:
     assert sorted(p.name for p in path.parent.iterdir()) == ["summary.md"]
 
 
+def test_an_atomic_write_gets_the_mode_a_plain_write_gets(tmp_path) -> None:
+    """Not mkstemp's owner-only 0600: an export must be readable by the user who serves it."""
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    expected = plain.stat().st_mode & 0o777
+    for name in ("new.txt", "plain.txt"):
+        write_text_atomic(tmp_path / name, "y")
+        assert (tmp_path / name).stat().st_mode & 0o777 == expected
+
+
 def _hold_in_child(path, shared: bool) -> subprocess.Popen:
     child = subprocess.Popen(
         [sys.executable, "-c", "import sys; from hh_lightning.files import FileLock; "

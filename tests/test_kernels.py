@@ -10,7 +10,8 @@ from tiny_models import tiny_model
 from hh_lightning.block import BlockQuantConfig, wrap_model
 from hh_lightning.export import load_quantized, save_quantized
 from hh_lightning.kernels import (
-    Int4LayoutError, Int4Linear, int4_layout, layout_codes, serve_weight_only_, use_int4_kernels_)
+    Int4LayoutError, Int4Linear, Int8Embedding, Int8Linear, int4_layout, int8_rows, layout_codes, serve_weight_only_,
+    use_int4_kernels_)
 from hh_lightning.linear import FoldedLinear, HHLinear, InputTransform
 from hh_lightning.quantizers import WeightQuantizer
 from hh_lightning.weight_only import quantize_weights_hqq
@@ -155,3 +156,52 @@ def test_w4a4_served_as_w4a16_keeps_rotations_online() -> None:
         report = use_int4_kernels_(model, torch.float32)
         assert len(report.int4) == 2 * 7 and not report.fallback
         assert _relative_error(model(tokens).logits, w4a16) < 1e-5
+
+
+def test_int8_rows_are_within_half_a_step_of_the_weight() -> None:
+    weight = torch.randn(40, 96, generator=torch.Generator().manual_seed(3)) * torch.logspace(-3, 2, 40)[:, None]
+    weight[7] = 0.0
+    codes, scale = int8_rows(weight)
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) == 127 and scale.shape == (40,)
+    assert bool(((weight - codes.float() * scale[:, None]).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all())
+    assert scale[7] == 1 and not codes[7].any()
+
+
+@pytest.mark.parametrize("compute_dtype,tolerance", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+def test_int8_head_modules_match_their_dequantized_rows(compute_dtype, tolerance) -> None:
+    generator = torch.Generator().manual_seed(4)
+    codes, scale = int8_rows(torch.randn(300, 64, generator=generator))
+    dequantized = codes.float() * scale[:, None]
+    x = torch.randn(2, 5, 64, generator=generator)
+    out = Int8Linear(codes, scale, compute_dtype)(x)
+    assert out.shape == (2, 5, 300) and out.dtype == x.dtype
+    assert _relative_error(out, x @ dequantized.T) < tolerance
+    ids = torch.randint(0, 300, (3, 7), generator=generator)
+    assert torch.equal(Int8Embedding(codes, scale)(ids), dequantized[ids])
+    assert Int8Embedding(codes, scale, torch.bfloat16)(ids).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("model_type,tied", [("qwen2", True), ("llama", False)])
+def test_load_quantized_with_an_int8_head(model_type, tied, tmp_path, monkeypatch) -> None:
+    import hh_lightning.export as export
+
+    model = quantize_weights_hqq(tiny_model(model_type, tie_word_embeddings=tied, **SIZES), group_size=64)
+    directory = save_quantized(model, tmp_path / "w4")
+    tokens = torch.randint(0, 128, (2, 13), generator=torch.Generator().manual_seed(5))
+    reference = load_quantized(directory)
+    served = load_quantized(directory, kernels="int4", head="int8")
+    embedding, head = served.get_input_embeddings(), served.get_output_embeddings()
+    assert isinstance(embedding, Int8Embedding) and isinstance(head, Int8Linear)
+    assert (embedding.codes is head.codes) == tied
+    for module, original in ((embedding, reference.get_input_embeddings()), (head, reference.get_output_embeddings())):
+        codes, scale = int8_rows(original.weight)
+        assert torch.equal(module.codes, codes) and torch.equal(module.scale, scale)
+    with torch.no_grad():
+        assert _relative_error(served(tokens).logits, reference(tokens).logits) < 2e-2
+    assert served.generate(tokens[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 7)
+    monkeypatch.setattr(export, "LOAD_CHUNK_BYTES", 1000)  # quantized in chunks of a few rows: the same codes
+    chunked = load_quantized(directory, head="int8")
+    assert torch.equal(chunked.get_input_embeddings().codes, embedding.codes)
+    assert torch.equal(chunked.get_output_embeddings().scale, head.scale)
+    with pytest.raises(ValueError, match="head='int4'"):
+        load_quantized(directory, head="int4")

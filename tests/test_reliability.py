@@ -29,6 +29,7 @@ from tiny_models import save_tiny_checkpoint
 
 from hh_lightning import artifacts
 from hh_lightning import cache as cache_module
+from hh_lightning import module as module_module
 from hh_lightning.cli import main
 from hh_lightning.export import load_quantized
 from hh_lightning.files import sha256_file
@@ -310,11 +311,16 @@ def test_nan_loss_stops_the_layer_keeps_its_checkpoint_and_exports_nothing(works
 
 
 def test_non_finite_validation_mse_is_not_exported(workspace, baseline, monkeypatch) -> None:
-    """Training losses were finite, but the final block is not: the export refuses it."""
+    """Training losses were finite, but the block measures non-finite in every state: the export refuses it.
+
+    Both measurements are patched, the initial one (``on_train_start``) and the final one, because a
+    finite initial state would be a fallback and exported instead.
+    """
     tmp, model_dir = workspace
     config = config_for(tmp, model_dir, "nan_val", layers=[0])
     run_dir = Path(config["pipeline"]["run_dir"])
-    monkeypatch.setattr(artifacts, "block_mse", lambda *_: float("nan"))
+    for owner in (artifacts, module_module):
+        monkeypatch.setattr(owner, "block_mse", lambda *_: float("nan"))
     with pytest.raises(FloatingPointError, match=r"^layer 0: validation MSE is nan; not exporting$"):
         fit(write_config(tmp, config, "nan_val"))
     assert not list((run_dir / "layers").glob("*layer_000*"))
