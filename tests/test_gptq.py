@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hh_lightning.gptq import damped_inverse_cholesky, gptq_codes
+from hh_lightning.gptq import TRIANGULAR_SOLVE_SIZE, damped_inverse_cholesky, gptq_codes, triangular_inverse
 from hh_lightning.quantizers import WeightQuantizer, dequantize_codes, quantize_codes
 
 
@@ -103,3 +103,14 @@ def test_the_factor_is_the_upper_cholesky_factor_of_the_damped_inverse(dead_chan
     damped.diagonal().add_(damp * damped.diagonal().mean())
     assert torch.equal(upper, upper.triu()) and bool((upper.diagonal() > 0).all())
     torch.testing.assert_close(upper.T @ upper, torch.linalg.inv(damped), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("size", [1, TRIANGULAR_SOLVE_SIZE, TRIANGULAR_SOLVE_SIZE + 1, 2 * TRIANGULAR_SOLVE_SIZE + 3])
+def test_the_blocked_triangular_inverse_is_the_inverse(size) -> None:
+    """Below, at and above the size where the blocked form takes over, odd halves included."""
+    generator = torch.Generator().manual_seed(size)
+    lower = torch.randn(size, size, generator=generator, dtype=torch.float64).tril() / size**0.5
+    lower.diagonal().copy_(1.0 + torch.rand(size, generator=generator, dtype=torch.float64))
+    inverse = triangular_inverse(lower)
+    assert torch.equal(inverse, inverse.tril())
+    torch.testing.assert_close(inverse @ lower, torch.eye(size, dtype=torch.float64), rtol=0, atol=1e-10)
