@@ -87,9 +87,12 @@ class BlockQuantConfig:
         a_bits: activation bits, per token, dynamic (2..16; 16 = off).
         a_symmetric: symmetric activation grid.
         a_learnable_clip: learn the activation clip ratio.
-        a_clip_ratio_init: the activation clip ratio's start, in (0, 1].
+        a_clip_ratio_init: the activation clip ratio's start, in (0, 1] (also the K/V
+            cache's, with ``kv_learnable_clip``).
         kv_bits: K/V cache bits, per head (2..16; 16 = off).
         kv_symmetric: symmetric K/V grid.
+        kv_learnable_clip: learn a clip ratio for the K and for the V cache's
+            per-token ranges (one scalar pair each, as FlatQuant's LAC for the KV cache).
         rotation_structure: how every rotation is built (DESIGN.md 2.8):
             ``householder`` (k learned reflections; k = d is the dense
             reference, ``d²`` numbers per rotation), ``kronecker``
@@ -150,6 +153,7 @@ class BlockQuantConfig:
     a_clip_ratio_init: float = 0.98
     kv_bits: int = 16
     kv_symmetric: bool = False
+    kv_learnable_clip: bool = False
     rotation_structure: RotationStructure = "hadamard_householder"
     qkv_reflections: int | None = 32
     o_rotation: ORotationMode = "head"
@@ -346,8 +350,10 @@ class HHDecoderBlock(nn.Module):
             "up_proj": self._wrap(_scaled_linear(mlp.up_proj, post_gamma), upgate),
             "down_proj": self._wrap(mlp.down_proj, down),
         })
-        self.k_quantizer = ActivationQuantizer(bits=quant.kv_bits, symmetric=quant.kv_symmetric)
-        self.v_quantizer = ActivationQuantizer(bits=quant.kv_bits, symmetric=quant.kv_symmetric)
+        self.k_quantizer, self.v_quantizer = (
+            ActivationQuantizer(bits=quant.kv_bits, symmetric=quant.kv_symmetric,
+                                learnable_clip=quant.kv_learnable_clip, clip_ratio_init=quant.a_clip_ratio_init)
+            for _ in range(2))
         self._statistics: dict[str, list[torch.Tensor]] | None = None
         self.rotation_bypass = False  # set by rotations_disabled(); not a setting
         # Rotations, smoothing and quantizer parameters are created on the CPU; join the layer's device,

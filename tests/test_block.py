@@ -183,6 +183,24 @@ def test_kv_rotation_leaves_attention_unchanged_without_quantization() -> None:
         assert torch.allclose(plain(hidden), rotated(hidden), atol=1e-5)
 
 
+@pytest.mark.parametrize("learnable", [False, True])
+def test_kv_clip_ratios_are_trained_with_the_clips_only_when_asked(learnable) -> None:
+    block, hidden = _quantized_block("qwen2", kv_bits=3, kv_learnable_clip=learnable)
+    kv_clips = [parameter for quantizer in (block.k_quantizer, block.v_quantizer)
+                for parameter in quantizer.parameters()]
+    assert len(kv_clips) == (4 if learnable else 0)
+    clips = block.parameter_groups()["clips"]
+    assert all(any(parameter is clip for clip in clips) for parameter in kv_clips)
+    target = _layer_output(tiny_model("qwen2"), 0, hidden).detach()
+    torch.nn.functional.mse_loss(block(hidden), target).backward()
+    assert all(parameter.grad is not None and parameter.grad.abs().sum() > 0 for parameter in kv_clips)
+    if learnable:  # a clip ratio is a real setting of the cache's grid: moving it moves the output
+        before = block(hidden).detach()
+        with torch.no_grad():
+            block.v_quantizer.clip_logit_max.fill_(0.0)
+        assert not torch.allclose(block(hidden), before, atol=1e-4)
+
+
 def test_bad_settings_name_the_field() -> None:
     config = tiny_config("qwen2")
     with pytest.raises(ValueError, match="quant.down_reflections=97"):

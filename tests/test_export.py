@@ -74,8 +74,14 @@ def _w4a4_model(model_type: str, structure: str = "householder", **sizes) -> nn.
                              upgate_reflections=16, down_reflections=16, kv_reflections=None,
                              o_rotation="head" if model_type == "qwen2" else "full", o_reflections=8,
                              smoothing=model_type == "llama", rotation_structure=structure,
-                             rotation_init=STRUCTURE_INIT[structure])
+                             rotation_init=STRUCTURE_INIT[structure], kv_learnable_clip=model_type == "qwen2")
     wrap_model(model, quant)
+    if quant.kv_learnable_clip:  # clip ratios away from their init, so a round trip that drops them fails
+        with torch.no_grad():
+            for index, block in enumerate(model.model.layers):
+                for offset, quantizer in enumerate((block.k_quantizer, block.v_quantizer)):
+                    quantizer.clip_logit_max.fill_(1.0 + 0.5 * offset + 0.25 * index)
+                    quantizer.clip_logit_min.fill_(2.0 - 0.5 * offset)
     tokens = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hidden = model.model.embed_tokens(tokens)
