@@ -22,8 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hh_lightning.files import write_json_atomic  # noqa: E402  (re-exported: one JSON writer, one table)
 from hh_lightning.report import markdown_table  # noqa: E402
 
-__all__ = ["STRUCTURE_RECIPES", "machine_info", "markdown_table", "median_time", "print_markdown_table",
-           "stored_rows", "structure_overrides", "synchronized", "write_json_atomic"]
+__all__ = ["KV4_SETTINGS", "STRUCTURE_RECIPES", "machine_info", "markdown_table", "median_time",
+           "print_markdown_table", "quant_overrides", "stored_rows", "structure_overrides", "synchronized",
+           "write_json_atomic"]
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
@@ -91,6 +92,18 @@ STRUCTURE_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# A 4-bit KV cache behind a trained head-dim rotation of Q/K (k = head_dim), as BlockQuantConfig fields.
+KV4_SETTINGS: dict[str, Any] = dict(kv_bits=4, kv_reflections=None)
+
+
+def quant_overrides(settings: dict[str, Any]) -> list[str]:
+    """BlockQuantConfig ``settings`` as train.py command-line overrides (YAML spelling: null, true)."""
+    def spelled(value: Any) -> str:
+        return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
+
+    return [f"--model.quant.{key}={spelled(value)}" for key, value in settings.items()]
+
+
 def structure_overrides(name: str) -> list[str]:
     """``STRUCTURE_RECIPES[name]`` as train.py command-line overrides."""
-    return [f"--model.quant.{key}={value}" for key, value in STRUCTURE_RECIPES[name].items()]
+    return quant_overrides(STRUCTURE_RECIPES[name])

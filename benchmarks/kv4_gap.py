@@ -22,41 +22,38 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from _common import machine_info, print_markdown_table, write_json_atomic
+from _common import KV4_SETTINGS, machine_info, print_markdown_table, quant_overrides, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RECIPE = REPO_ROOT / "configs" / "smollm2-135m_cpu.yaml"
-KV4 = ["--model.quant.kv_bits=4", "--model.quant.kv_reflections=null"]
+# Each variant's KV settings (BlockQuantConfig fields): passed to train.py, and checked against a
+# run directory's run.json, so a directory holding another variant is refused, not reported.
 VARIANTS = {
-    "w4a4": [],
-    "w4a4kv4": KV4,
-    "w4a4kv4_clip": [*KV4, "--model.quant.kv_learnable_clip=true"],
+    "w4a4": dict(kv_bits=16),
+    "w4a4kv4": dict(KV4_SETTINGS, kv_learnable_clip=False),
+    "w4a4kv4_clip": dict(KV4_SETTINGS, kv_learnable_clip=True),
 }
-# The settings each variant's run must hold (run.json's quant section), so a stale directory is refused.
-EXPECTED_QUANT = {"w4a4": {"kv_bits": 16}, "w4a4kv4": {"kv_bits": 4, "kv_learnable_clip": False},
-                  "w4a4kv4_clip": {"kv_bits": 4, "kv_learnable_clip": True}}
 
 
 def run_variant(run_dir: Path, variant: str, seed: int) -> dict:
     """The ``summary.json`` of the variant's run at ``seed``, training it first if it has none."""
+    settings = {**VARIANTS[variant], "seed": seed}
     summary_path = run_dir / "summary.json"
     if not summary_path.is_file():
         command = [sys.executable, str(REPO_ROOT / "train.py"), "fit", "--config", str(RECIPE),
-                   f"--model.quant.seed={seed}", "--pipeline.eval_fp=false", f"--pipeline.run_dir={run_dir}",
-                   "--trainer.enable_progress_bar=false", *VARIANTS[variant]]
+                   "--pipeline.eval_fp=false", f"--pipeline.run_dir={run_dir}",
+                   "--trainer.enable_progress_bar=false", *quant_overrides(settings)]
         print("+", " ".join(command[1:]), flush=True)
-        subprocess.run(command, check=True, cwd=REPO_ROOT, env=os.environ)
+        subprocess.run(command, check=True, cwd=REPO_ROOT)
     quant = json.loads((run_dir / "run.json").read_text())["quant"]
-    wanted = {**EXPECTED_QUANT[variant], "seed": seed}
-    wrong = {key: quant.get(key, False) for key, value in wanted.items() if quant.get(key, False) != value}
+    wrong = {key: quant.get(key) for key, value in settings.items() if quant.get(key) != value}
     if wrong:
-        raise SystemExit(f"error: {run_dir} holds another run ({wrong}, expected {wanted}); "
+        raise SystemExit(f"error: {run_dir} holds another run ({wrong}, expected {settings}); "
                          "remove it or pick another --run-root")
     return json.loads(summary_path.read_text())
 

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import machine_info, markdown_table, stored_rows, write_json_atomic
+from _common import KV4_SETTINGS, machine_info, markdown_table, quant_overrides, stored_rows, write_json_atomic
 from hqq_vs_reference import reference_dequantize, reference_quantize
 
 from hh_lightning.block import LINEAR_NAMES, BlockQuantConfig, HHDecoderBlock
@@ -81,7 +81,7 @@ FULL_ROTATIONS = dict(rotation_structure="householder", qkv_reflections=None, up
                       down_reflections=None)
 PCA_ROTATIONS = dict(rotation_structure="householder", qkv_reflections=64, upgate_reflections=64,
                      down_reflections=64)
-KV4_OVERRIDES = ["--model.quant.kv_bits=4", "--model.quant.kv_reflections=null"]
+KV4_OVERRIDES = quant_overrides(KV4_SETTINGS)
 CPU_RECIPE = str(REPO_ROOT / "configs" / "smollm2-135m_cpu.yaml")
 NEAREST = dict(w_rounding="nearest")
 GROUP_SIZE = 64

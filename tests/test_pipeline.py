@@ -238,8 +238,7 @@ BAD_FIELD_VALUES = {
         w_bits=1, w_symmetric="maybe", w_group_size=0, w_learnable_clip="maybe", w_init="median", a_bits=17,
         a_symmetric="maybe", a_learnable_clip="maybe", a_clip_ratio_init=0.0, kv_bits=1, kv_symmetric="maybe",
         kv_learnable_clip="maybe", rotation_structure="circulant", qkv_reflections=-1, o_rotation="half",
-        o_reflections=10_000,
-        upgate_reflections=-2, down_reflections=10_000, kv_reflections=-1, rotation_init="zeros",
+        o_reflections=10_000, upgate_reflections=-2, down_reflections=10_000, kv_reflections=-1, rotation_init="zeros",
         rotation_dtype="float8", smoothing="maybe", seed=-1, seed_layer_stride=3, dense_apply_ratio=1.5,
         w_search={"grid_points": 0}, w_hqq={"kappa": 0.5}, w_rounding="stochastic", gptq_damp=-0.1).items()},
     **{f"model.optim.{name}": value for name, value in dict(
