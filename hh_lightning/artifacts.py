@@ -111,13 +111,19 @@ def keep_better_state_(pl_module: HHBlockModule, val_loader: Any) -> tuple[str, 
     """Leave the block in whichever of its trained and initial states is better on ``val_loader``.
 
     Both are compared as they ship, with the rotations rounded to ``quant.rotation_dtype``, so the
-    folded block must match the kept one: the trained state is measured here, the initial one is
-    ``pl_module.mse_init`` (measured that way before the first step). Ties, and modules without a
+    folded block must match the kept one: the trained state by the last validation epoch
+    (``pl_module.shipped_val_mse``) or here, the initial one by ``pl_module.mse_init`` (measured that
+    way before the first step). Ties, and modules without a
     recorded initial state (checkpoints from older versions), keep the trained state. Returns
     ``(kept, mse_trained, mse_kept)`` with ``kept`` ``"trained"`` or ``"initial"``.
     """
     block = pl_module.block
-    mse_trained = block_mse(block.round_rotations_(), val_loader, pl_module.device)
+    block.round_rotations_()
+    measured = pl_module.shipped_val_mse
+    # The last validation epoch measured this state in this form, unless a step came after it or it saw
+    # fewer batches (trainer.limit_val_batches).
+    reusable = measured is not None and measured[:2] == (pl_module.global_step, len(val_loader))
+    mse_trained = measured[2] if reusable else block_mse(block, val_loader, pl_module.device)
     mse_initial = float(pl_module.mse_init)
     if pl_module.initial_state is None:
         return "trained", mse_trained, mse_trained

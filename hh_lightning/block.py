@@ -400,6 +400,16 @@ class HHDecoderBlock(nn.Module):
         }
         return {name: rotation for name, rotation in found.items() if rotation is not None}
 
+    def source_state_names(self) -> list[str]:
+        """State-dict names of the tensors copied from the full-precision layer: the linears' weights and
+        biases and the norms' (γ = 1) weights. They never train, and building the block from the same
+        layer gives them again, so a training checkpoint can leave them out (``HHBlockModule``)."""
+        names = ["input_norm.weight", "post_attention_norm.weight"]
+        for name, linear in self.linears.items():
+            if isinstance(linear, HHLinear):
+                names += [f"linears.{name}.{part}" for part in ("weight", "bias") if getattr(linear, part) is not None]
+        return names
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters split into ``transforms`` (reflections, smoothing) and ``clips``."""
         groups: dict[str, list[nn.Parameter]] = {"transforms": [], "clips": []}
@@ -489,6 +499,8 @@ class HHDecoderBlock(nn.Module):
         gated = self.act_fn(linears["gate_proj"].forward_transformed(upgate_input))
         intermediate = gated * linears["up_proj"].forward_transformed(upgate_input)
         self._record("down", intermediate)
+        if self._statistics is not None:
+            return residual  # collect_statistics keeps only the records: down_proj's output feeds none of them
         return residual + linears["down_proj"](intermediate)
 
     # ------------------------------------------------------- initialization

@@ -119,7 +119,7 @@ class BlockActivationDataModule(L.LightningDataModule):
                  allow_generated_fallback: bool = False, device: str = "auto",
                  model_dtype: str = "float32", verify_cache: bool = False) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # as HHBlockModule's: run.json records them
         for name, value in (("n_samples", n_samples), ("seq_len", seq_len), ("batch_size", batch_size),
                             ("cache_batch_size", cache_batch_size)):
             if value < 1:

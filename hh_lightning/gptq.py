@@ -81,30 +81,32 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"damp={damp} must be >= 0")
     group = in_features // scale.shape[1]
     upper, dead = damped_inverse_cholesky(hessian, damp)
+    # Row i over U_ii: an error e = w_i − q_i (not yet divided) then moves onto column j as e · U_ij / U_ii.
+    steps = upper / upper.diagonal()[:, None]
     # Transposed, (in, out): column i of W is the contiguous row i here, and each step below is a few
-    # whole-row ops (the per-column Python loop is the cost, so every op it saves counts). The arithmetic
-    # is quantize_codes / dequantize_codes' own, so the codes are those of the plain column loop.
+    # whole-row ops (the per-column Python loop is the cost, so every op it saves counts).
     work = weight.double().T.contiguous()
     work[dead] = 0.0  # nothing reaches them: any code will do, the zero-error one is cheapest
-    scale_rows, zero_rows = scale.double().T.contiguous().unbind(0), zero.double().T.contiguous().unbind(0)
+    scale_rows, zero_rows = scale.double().T.contiguous(), zero.double().T.contiguous()
     levels = 2**bits - 1
     codes = torch.empty_like(work)
-    errors = torch.empty(min(block_size, in_features), out_features, dtype=work.dtype, device=work.device)
-    scratch = torch.empty(out_features, dtype=work.dtype, device=work.device)
-    work_rows, code_rows, upper_rows = work.unbind(0), codes.unbind(0), upper.unbind(0)
-    diagonal = torch.diagonal(upper).tolist()
-    for start in range(0, in_features, block_size):
-        end = min(start + block_size, in_features)
+    errors = torch.empty(min(block_size, group), out_features, dtype=work.dtype, device=work.device)
+    work_rows, code_rows, step_rows = work.unbind(0), codes.unbind(0), steps.unbind(0)
+    # Blocks never straddle a group, so the columns of one share a grid and run in code units,
+    # w / scale + zero (quantize_codes' arithmetic): a code is then one rounding, and an error moves
+    # between columns of the block unscaled. Leaving the block, errors go back to weight units.
+    start = 0
+    while start < in_features:
+        end = min(start + block_size, (start // group + 1) * group)
+        g_scale, g_zero = scale_rows[start // group], zero_rows[start // group]
+        work[start:end].div_(g_scale).add_(g_zero)
         for column in range(start, end):
-            g_scale, g_zero = scale_rows[column // group], zero_rows[column // group]
             value, code, error = work_rows[column], code_rows[column], errors[column - start]
-            # quantize_codes, then the dequantized error, op for op, into preallocated rows
-            torch.div(value, g_scale, out=scratch).add_(g_zero)
-            torch.round(scratch, out=code).clamp_(0, levels)
-            torch.sub(code, g_zero, out=scratch).mul_(g_scale)
-            torch.sub(value, scratch, out=error).div_(diagonal[column])
-            if column + 1 < end:  # W[:, j] -= e · U_ij for the rest of this block
-                work[column + 1:end].addr_(upper_rows[column][column + 1:end], error, alpha=-1)
-        if end < in_features:  # and for the columns after it, as one product
-            work[end:].addmm_(upper[start:end, end:].T, errors[:end - start], alpha=-1)
+            torch.round(value, out=code).clamp_(0, levels)
+            torch.sub(value, code, out=error)
+            if column + 1 < end:  # W[:, j] -= e · U_ij / U_ii for the rest of this block
+                work[column + 1:end].addr_(step_rows[column][column + 1:end], error, alpha=-1)
+        if end < in_features:  # and for the columns after it, as one product, in weight units
+            work[end:].addmm_(steps[start:end, end:].T, errors[:end - start].mul_(g_scale), alpha=-1)
+        start = end
     return codes.to(torch.uint8).T.contiguous()

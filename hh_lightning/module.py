@@ -20,6 +20,19 @@ CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max
 COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # OptimConfig fields that change speed, not what a layer learns: left out of a run directory's identity.
 SPEED_ONLY_OPTIM_FIELDS = ("compile",)
+# How many values of each tensor copied from the FP layer a checkpoint keeps to recognize that layer.
+SOURCE_FINGERPRINT_VALUES = 1024
+
+
+def source_fingerprint(tensor: torch.Tensor) -> torch.Tensor:
+    """``SOURCE_FINGERPRINT_VALUES`` evenly strided values of ``tensor``, flattened, on the CPU.
+
+    Values, not a sum: no arithmetic, so no rounding that depends on the thread count, and another
+    model or layer differs in them.
+    """
+    flat = tensor.detach().reshape(-1)
+    step = max(1, flat.numel() // SOURCE_FINGERPRINT_VALUES)
+    return flat[::step][:SOURCE_FINGERPRINT_VALUES].cpu().clone()
 
 
 @dataclass
@@ -137,9 +150,10 @@ class HHBlockModule(L.LightningModule):
         optim = OptimConfig() if optim is None else optim
         self.quant = BlockQuantConfig.from_dict(quant if isinstance(quant, dict) else quant.to_dict())
         self.optim = OptimConfig(**(optim if isinstance(optim, dict) else asdict(optim)))
-        # Plain values only, so checkpoints load with torch.load(weights_only=True).
+        # Plain values only, so checkpoints load with torch.load(weights_only=True). Not sent to the loggers:
+        # run.json holds the run's settings once, and each logger's per-layer YAML copy cost ~20 ms a layer.
         self.save_hyperparameters({"quant": self.quant.to_dict(), "optim": asdict(self.optim),
-                                   "layer_index": layer_index})
+                                   "layer_index": layer_index}, logger=False)
         self.layer_index = layer_index
         self.block: HHDecoderBlock | None = None
         self._source: tuple[nn.Module, object, nn.Module] | None = None
@@ -149,6 +163,12 @@ class HHBlockModule(L.LightningModule):
         # block worse; carried in the checkpoint, since a resumed fit never sees the start.
         self.initial_state: dict[str, torch.Tensor] | None = None
         self.val_mse = MeanSquaredError()
+        # (global_step, batches, MSE) of the last validation epoch, which measures the block as it ships;
+        # export reuses it when no step came after and it saw every batch (keep_better_state_). Not saved:
+        # a resumed fit measures again.
+        self.shipped_val_mse: tuple[int, int, float] | None = None
+        self._unrounded_state: dict[str, torch.Tensor] | None = None
+        self._val_batches = 0
         # (windows, collect_statistics sums) of the first training windows, kept from the PCA init for the
         # GPTQ fold (RotationInitCallback); never saved: a resumed fit recomputes them, to the same bits.
         self.calibration_statistics: tuple[int, dict[str, list[torch.Tensor]]] | None = None
@@ -187,10 +207,24 @@ class HHBlockModule(L.LightningModule):
         self.log("train/mse", loss, prog_bar=True, on_step=True, on_epoch=True)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        # Validate the block as it ships (rotations rounded to quant.rotation_dtype), then put the unrounded
+        # values back before anything else sees them (the checkpoint, the next step).
+        self._unrounded_state = self.trainable_state()
+        self.block.round_rotations_()
+        self._val_batches = 0
+
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
         self.val_mse(self.block(x).float(), y.float())
         self.log("val/mse", self.val_mse, prog_bar=True, on_epoch=True)
+        self._val_batches += 1
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.shipped_val_mse = (self.global_step, self._val_batches, float(self.val_mse.compute()))
+        self.load_trainable_state_(self._unrounded_state)
+        self._unrounded_state = None
 
     def on_train_start(self) -> None:
         # Runs after the init callbacks' on_train_start: record where training starts from.
@@ -219,10 +253,28 @@ class HHBlockModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if self.initial_state is not None:
             checkpoint["initial_trainable_state"] = self.initial_state
+        state = checkpoint.get("state_dict")
+        if state is not None and self.block is not None:
+            # The frozen copies of the FP layer are most of a block's bytes (a 7B layer's are ~0.9 GB in fp32)
+            # and configure_model builds them again from the layer: keep only a fingerprint of each.
+            checkpoint["source_fingerprints"] = {name: source_fingerprint(state.pop(f"block.{name}"))
+                                                 for name in self.block.source_state_names()}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Absent in checkpoints written before the trained-vs-initial comparison: export then keeps the trained.
         self.initial_state = checkpoint.get("initial_trainable_state")
+        fingerprints = checkpoint.get("source_fingerprints")
+        if fingerprints is None or self.block is None:
+            return  # older checkpoints hold the source tensors themselves
+        # Called after configure_model, before the state dict loads: fill in the rebuilt tensors, once each
+        # is shown to be the layer the checkpoint was trained on.
+        own = self.block.state_dict()
+        for name, stored in fingerprints.items():
+            if name not in own or not torch.equal(source_fingerprint(own[name]), stored.cpu()):
+                raise ValueError(f"layer {self.layer_index}: its checkpoint was trained on other weights "
+                                 f"(block.{name} differs from the model's); resume with the model it was "
+                                 f"trained on, or delete the layer's checkpoints")
+            checkpoint["state_dict"][f"block.{name}"] = own[name]
 
     def configure_optimizers(self):
         groups = self.block.parameter_groups()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import warnings
 
 import pytest
@@ -76,3 +78,91 @@ def test_compiled_training_step_equals_eager_loss_and_gradients() -> None:
 def test_unknown_compile_mode_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"model.optim.compile='fastest' is not one of"):
         OptimConfig(compile="fastest").validate()
+
+
+# ------------------------------------------------------------------ checkpoints and validation
+def _built(model_type: str, layer: int = 0, quant: BlockQuantConfig = QUANT) -> HHBlockModule:
+    model = tiny_model(model_type)
+    module = HHBlockModule(quant=quant, layer_index=0)
+    module.attach_source(model.model.layers[layer], model.config, model.model.rotary_emb)
+    module.configure_model()
+    return module
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_a_checkpoint_leaves_out_the_layers_weights_and_takes_them_back_from_the_same_layer(model_type) -> None:
+    source = _built(model_type)
+    source.block.init_rotations_pca_(source.block.collect_statistics(_batch()[0]))
+    source.block.initialize_weight_quantizers()
+    full = source.state_dict()
+    checkpoint = {"state_dict": dict(full)}
+    source.on_save_checkpoint(checkpoint)
+    left_out = {f"block.{name}" for name in source.block.source_state_names()}
+    # Every linear's weight (and bias, where the model has them) and both norms: all of the layer's copies.
+    assert any(name.endswith(".bias") for name in left_out) == (model_type == "qwen2")
+    assert len([n for n in left_out if n.endswith(".weight")]) == 9 and not left_out & set(checkpoint["state_dict"])
+    assert set(checkpoint["state_dict"]) | left_out == set(full)
+    kept_bytes = sum(t.numel() * t.element_size() for t in checkpoint["state_dict"].values())
+    assert kept_bytes < 0.5 * sum(t.numel() * t.element_size() for t in full.values())
+    saved = torch.load(_saved(checkpoint), weights_only=True)
+
+    resumed = _built(model_type)
+    resumed.on_load_checkpoint(saved)
+    resumed.load_state_dict(saved["state_dict"])  # strict: nothing is missing
+    torch.testing.assert_close(resumed.state_dict(), full, rtol=0, atol=0, equal_nan=True)  # mse_init: NaN
+
+    other_layer = _built(model_type, layer=1)
+    with pytest.raises(ValueError, match=r"^layer 0: its checkpoint was trained on other weights "
+                                         r"\(block\.linears\.q_proj\.weight differs"):
+        other_layer.on_load_checkpoint(torch.load(_saved(checkpoint), weights_only=True))
+    older = {"state_dict": dict(full)}  # written before checkpoints left the weights out: loads as it is
+    _built(model_type).on_load_checkpoint(older)
+    assert older["state_dict"].keys() == full.keys()
+
+
+def test_validation_measures_the_block_as_it_ships_and_export_reuses_the_last_epoch(monkeypatch) -> None:
+    """The validation epochs round the rotations as export does, then put the trained values back; the
+    figure of the last one is the trained state's, so keep_better_state_ does not measure it again."""
+    import lightning as L
+
+    from hh_lightning import artifacts
+    from hh_lightning.module import block_mse
+
+    module = _built("llama")
+    generator = torch.Generator().manual_seed(3)
+    pairs = [(torch.randn(16, 64, generator=generator), torch.randn(16, 64, generator=generator)) for _ in range(4)]
+
+    class Windows(L.LightningDataModule):
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(pairs, batch_size=2)
+
+        def val_dataloader(self):
+            return torch.utils.data.DataLoader(pairs[:3], batch_size=2)  # 2 batches, the second of 1 window
+
+    datamodule = Windows()
+    trainer = L.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # few batches, no workers
+        trainer.fit(module, datamodule=datamodule)
+    step, batches, mse = module.shipped_val_mse
+    assert (step, batches) == (trainer.global_step, len(datamodule.val_dataloader()))
+    trained = {name: p.detach().clone() for name, p in module.block.named_parameters()}
+    reflections = [p for name, p in trained.items() if name.endswith("reflections.vectors")]
+    assert any(not torch.equal(p, p.half().float()) for p in reflections)  # the trained values, not rounded
+    shipped = copy.deepcopy(module.block).round_rotations_()
+    assert mse == pytest.approx(block_mse(shipped, datamodule.val_dataloader(), "cpu"), rel=1e-6)
+
+    monkeypatch.setattr(artifacts, "block_mse", lambda *_: pytest.fail("measured the trained state again"))
+    module.initial_state = None
+    assert artifacts.keep_better_state_(module, datamodule.val_dataloader()) == ("trained", mse, mse)
+    module.shipped_val_mse = (step, batches - 1, mse)  # fewer batches than the export's loader: measured
+    monkeypatch.setattr(artifacts, "block_mse", lambda *_: 1.5)
+    assert artifacts.keep_better_state_(module, datamodule.val_dataloader()) == ("trained", 1.5, 1.5)
+
+
+def _saved(obj: dict) -> io.BytesIO:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return buffer

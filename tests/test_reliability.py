@@ -313,14 +313,22 @@ def test_nan_loss_stops_the_layer_keeps_its_checkpoint_and_exports_nothing(works
 def test_non_finite_validation_mse_is_not_exported(workspace, baseline, monkeypatch) -> None:
     """Training losses were finite, but the block measures non-finite in every state: the export refuses it.
 
-    Both measurements are patched, the initial one (``on_train_start``) and the final one, because a
-    finite initial state would be a fallback and exported instead.
+    Every measurement is patched: the initial one (``on_train_start``), because a finite initial state
+    would be a fallback and exported instead, and the trained one, which export takes from the last
+    validation epoch (``shipped_val_mse``) or measures again.
     """
     tmp, model_dir = workspace
     config = config_for(tmp, model_dir, "nan_val", layers=[0])
     run_dir = Path(config["pipeline"]["run_dir"])
     for owner in (artifacts, module_module):
         monkeypatch.setattr(owner, "block_mse", lambda *_: float("nan"))
+    validation_end = module_module.HHBlockModule.on_validation_epoch_end
+
+    def nan_validation_end(self) -> None:
+        validation_end(self)
+        self.shipped_val_mse = (*self.shipped_val_mse[:2], float("nan"))
+
+    monkeypatch.setattr(module_module.HHBlockModule, "on_validation_epoch_end", nan_validation_end)
     with pytest.raises(FloatingPointError, match=r"^layer 0: validation MSE is nan; not exporting$"):
         fit(write_config(tmp, config, "nan_val"))
     assert not list((run_dir / "layers").glob("*layer_000*"))
