@@ -430,10 +430,13 @@ class HHDecoderBlock(nn.Module):
         if self._statistics is None:
             return
         rows = rows.detach().reshape(-1, rows.shape[-1]).float()
-        entry = self._statistics.setdefault(name, [torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64),
-                                                   torch.zeros((), dtype=torch.float64)])
-        entry[0] += (rows.T @ rows).double().cpu()
-        entry[1] += rows.shape[0]
+        gram = (rows.T @ rows).double().cpu()
+        entry = self._statistics.get(name)
+        if entry is None:  # the first batch's sums are the product itself: no d × d zeros to fill and add to
+            self._statistics[name] = [gram, torch.tensor(float(rows.shape[0]), dtype=torch.float64)]
+        else:
+            entry[0] += gram
+            entry[1] += rows.shape[0]
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Any = None,
@@ -572,20 +575,22 @@ class HHDecoderBlock(nn.Module):
                              "block.fold_(block.collect_statistics(calibration_inputs))")
         if not any(isinstance(linear, FoldedLinear) for linear in self.linears.values()):
             self.round_rotations_()  # never under weights already folded with the unrounded values
-        codes = self._gptq_codes(statistics) if gptq else {}
+        codes, weights = self._gptq_codes(statistics) if gptq else ({}, {})
         for name in LINEAR_NAMES:
             linear = self.linears[name]
             if isinstance(linear, HHLinear):
                 self.linears[name] = (linear.fold_placeholder() if codes_from_file
-                                      else linear.fold(codes=codes.get(name)))
+                                      else linear.fold(codes=codes.get(name), transformed_weight=weights.get(name)))
         for parameter in self.parameters():
             parameter.requires_grad_(False)
         return self
 
 
     @torch.no_grad()
-    def _gptq_codes(self, statistics: dict[str, list[torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """GPTQ codes of every quantized linear, by name, from ``collect_statistics`` sums.
+    def _gptq_codes(self, statistics: dict[str, list[torch.Tensor]]
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """GPTQ codes of every quantized linear, by name, from ``collect_statistics`` sums, and the
+        ``W̃`` each was rounded from (so the fold need not compute it again).
 
         Linears that read the same input (q/k/v, gate/up: one transform, no pre-rotated input) have
         the same Hessian, and GPTQ never mixes rows, so their stacked rows are rounded in one pass:
@@ -598,16 +603,18 @@ class HHDecoderBlock(nn.Module):
                 key = (LINEAR_INPUTS[name], id(linear.transform), id(linear.prerotated_input))
                 groups.setdefault(key, []).append(name)
         codes: dict[str, torch.Tensor] = {}
+        transformed: dict[str, torch.Tensor] = {}
         for (entry, _, _), names in groups.items():
             linears = [self.linears[name] for name in names]
             weights = [linear.transformed_weight().float() for linear in linears]
+            transformed.update(zip(names, weights))
             grids = [linear.weight_quantizer.quantize(weight) for linear, weight in zip(linears, weights)]
             stacked = gptq_codes(torch.cat(weights), linears[0].transformed_hessian(statistics[entry][0]),
                                  torch.cat([grid[1] for grid in grids]), torch.cat([grid[2] for grid in grids]),
                                  linears[0].weight_quantizer.bits, damp=self.quant.gptq_damp)
             for name, part in zip(names, stacked.split([weight.shape[0] for weight in weights])):
                 codes[name] = part.clone()
-        return codes
+        return codes, transformed
 
 
 def wrap_model(model: nn.Module, quant: BlockQuantConfig, layer_indices: list[int] | None = None, *,

@@ -45,6 +45,7 @@ from torch import nn
 
 from .linear import FoldedLinear, InputTransform
 from .quantizers import dequantize_codes
+from .rotation import as_dtype
 
 __all__ = ["KERNEL_BITS", "KERNEL_GROUP_SIZES", "Int4Layout", "Int4LayoutError", "Int4Linear", "Int8Embedding",
            "Int8Linear", "KernelReport", "int4_layout", "int8_rows", "kernel_group_size", "layout_codes",
@@ -250,12 +251,12 @@ class Int4Linear(nn.Module):
     def forward_transformed(self, x_transformed: torch.Tensor) -> torch.Tensor:
         """The output for an input already passed through the shared transform."""
         leading = x_transformed.shape[:-1]
-        rows = x_transformed.reshape(-1, self.in_features).to(self.scale_and_zero.dtype)
-        out = _int4_mm(rows, self.packed, self.kernel_group_size, self.scale_and_zero).to(x_transformed.dtype)
+        rows = as_dtype(x_transformed.reshape(-1, self.in_features), self.scale_and_zero.dtype)
+        out = as_dtype(_int4_mm(rows, self.packed, self.kernel_group_size, self.scale_and_zero), x_transformed.dtype)
         if self.out_scale is not None:
-            out = out * self.out_scale.to(out.dtype)
+            out = out * as_dtype(self.out_scale, out.dtype)
         if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+            out = out + as_dtype(self.bias, out.dtype)
         return out.reshape(*leading, self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

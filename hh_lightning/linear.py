@@ -164,15 +164,16 @@ class HHLinear(nn.Module):
 
     @torch.no_grad()
     def fold(self, hessian: torch.Tensor | None = None, damp: float = 0.01,
-             codes: torch.Tensor | None = None) -> "FoldedLinear":
+             codes: torch.Tensor | None = None, transformed_weight: torch.Tensor | None = None) -> "FoldedLinear":
         """The deployable form: ``W̃`` quantized once to codes, the transform kept online.
 
         ``hessian``: ``X̃ᵀX̃`` of the transformed inputs (``transformed_hessian``); given, the
         codes are GPTQ-rounded on the same grid (``gptq.gptq_codes`` with ``damp``), else rounded
         to nearest. ``codes``: uint8 ``(out, in)`` already chosen on this grid (``HHDecoderBlock``
         GPTQ-rounds the linears that share an input together); they replace the rounding.
+        ``transformed_weight``: ``W̃`` (``transformed_weight()``) where the caller computed it already.
         """
-        weight = self.transformed_weight().float()
+        weight = (self.transformed_weight() if transformed_weight is None else transformed_weight).float()
         bias = self.transformed_bias()
         bias = None if bias is None else bias.detach().clone()
         if not self.weight_quantizer.enabled:

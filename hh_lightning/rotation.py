@@ -281,6 +281,12 @@ def identity_pairs(num_reflections: int, dim: int, generator: torch.Generator | 
 # --------------------------------------------------------------------------
 # Modules
 # --------------------------------------------------------------------------
+def as_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, without a call when it already is: a same-dtype ``.to`` still costs a
+    dispatch, which shows when decoding runs a rotation or a kernel on one row at a time."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 class Rotation(nn.Module):
     """The interface every rotation structure offers; fold, export and the loader use nothing else.
 
@@ -464,7 +470,7 @@ class HouseholderRotation(Rotation):
         frozen = self._frozen(x.device, x.dtype)
         if frozen is None:
             return None
-        rows = x.to(frozen[0].dtype)
+        rows = as_dtype(x, frozen[0].dtype)
         if len(frozen) == 1:
             out = rows @ (frozen[0].T if transpose else frozen[0])
         else:
@@ -472,7 +478,7 @@ class HouseholderRotation(Rotation):
             flat = rows.reshape(-1, rows.shape[-1])
             # One fused x - (x Vᵀ) Z: about half the time of a separate product and subtraction on CPU.
             out = torch.addmm(flat, flat @ vectors_t, solved_t if transpose else solved, alpha=-1).reshape(rows.shape)
-        return out.to(x.dtype)
+        return as_dtype(out, x.dtype)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x R`` for ``x`` of shape ``(..., d)``; also ``W ↦ W R`` for a weight."""

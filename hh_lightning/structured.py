@@ -32,6 +32,7 @@ from .rotation import (
     DENSE_APPLY_RATIO,
     HouseholderRotation,
     Rotation,
+    as_dtype,
     dct_matrix,
     power_of_two_factor,
     sylvester_hadamard,
@@ -187,6 +188,7 @@ class HadamardHouseholderRotation(Rotation):
                 self.register_buffer(name, matrix.float(), persistent=False)
                 self._fixed_names.append(name)
         self.register_buffer("signs", _random_signs(dim, seed))
+        self._fixed_cache: dict[tuple, tuple] = {}  # inference only: see _fixed_operands
         self.reflections = (HouseholderRotation(dim, num_reflections, init=init, seed=seed + 1,
                                                 dense_apply_ratio=dense_apply_ratio)
                             if num_reflections else None)
@@ -202,25 +204,43 @@ class HadamardHouseholderRotation(Rotation):
     def supports_pca(self) -> bool:
         return self.reflections is not None
 
-    def _fixed_factors(self, dtype: torch.dtype, transpose: bool) -> list[torch.Tensor]:
-        factors = [getattr(self, name).to(dtype) for name in self._fixed_names]
-        return [factor.T for factor in factors] if transpose else factors
+    def _fixed_operands(self, device: torch.device, dtype: torch.dtype,
+                        transpose: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(signs, factors)`` of ``F`` (``transpose``: of ``Fᵀ``) on ``device`` in ``dtype``.
+
+        Without autograd they are cached: casting the int8 signs and each factor again at every call
+        was half of a decoding step's rotation time. The factors are a function of ``d`` alone; the
+        signs are checked by identity and version, so ``.to()`` and ``load_state_dict`` refresh the
+        cache. With autograd (training, ``torch.compile``) nothing is cached.
+        """
+        signs = self.signs
+        key = (device, dtype, transpose)
+        grad = torch.is_grad_enabled()
+        if not grad:
+            cached = self._fixed_cache.get(key)
+            if cached is not None and cached[0] is signs and cached[1] == signs._version:
+                return cached[2]
+        factors = [getattr(self, name).to(device=device, dtype=dtype) for name in self._fixed_names]
+        operands = (signs.to(device=device, dtype=dtype), [factor.T for factor in factors] if transpose else factors)
+        if not grad:
+            self._fixed_cache[key] = (signs, signs._version, operands)
+        return operands
 
     def fixed_rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x F`` (the fixed part alone), ``x``: ``(..., d)``."""
         dtype = _compute_dtype(x)
-        signed = x.to(dtype) * self.signs.to(dtype)
-        if not self._fixed_names:
-            return signed.to(x.dtype)
-        return kronecker_apply(signed, self._fixed_factors(dtype, False)).to(x.dtype)
+        signs, factors = self._fixed_operands(x.device, dtype, False)
+        signed = as_dtype(x, dtype) * signs
+        return as_dtype(kronecker_apply(signed, factors) if factors else signed, x.dtype)
 
     def fixed_rotate_transposed(self, x: torch.Tensor) -> torch.Tensor:
         """``x Fᵀ``."""
         dtype = _compute_dtype(x)
-        out = x.to(dtype)
-        if self._fixed_names:
-            out = kronecker_apply(out, self._fixed_factors(dtype, True))
-        return (out * self.signs.to(dtype)).to(x.dtype)
+        signs, factors = self._fixed_operands(x.device, dtype, True)
+        out = as_dtype(x, dtype)
+        if factors:
+            out = kronecker_apply(out, factors)
+        return as_dtype(out * signs, x.dtype)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x R = (x F) H(v_k)⋯H(v_1)``."""

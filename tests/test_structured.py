@@ -141,6 +141,26 @@ def test_fixed_hadamard_is_randomized_hadamard_kron_dct() -> None:
     assert set(rotation.state_dict()) == {"signs"} and rotation.signs.dtype == torch.int8
 
 
+@pytest.mark.parametrize("dim", [64, 576])
+def test_fixed_part_cached_for_inference_equals_the_uncached_and_follows_new_signs_and_dtypes(dim: int) -> None:
+    rotation = HadamardHouseholderRotation(dim, 4, init="random", seed=0)
+    other = HadamardHouseholderRotation(dim, 4, init="random", seed=7)
+    x = torch.randn(3, dim)
+    expected = {"fixed": rotation.fixed_rotate(x), "transposed": rotation.fixed_rotate_transposed(x)}  # uncached
+    with torch.no_grad():
+        for _ in range(2):  # the first call fills the cache, the second reads it
+            assert torch.equal(rotation.fixed_rotate(x), expected["fixed"])
+            assert torch.equal(rotation.fixed_rotate_transposed(x), expected["transposed"])
+        rotation.load_state_dict(other.state_dict())  # other signs, written in place into the same buffer
+        assert torch.equal(rotation.fixed_rotate(x), other.fixed_rotate(x))
+        assert torch.equal(rotation.rotate(x), other.rotate(x))
+        wide = rotation.fixed_rotate(x.double())
+        assert wide.dtype == torch.float64
+        torch.testing.assert_close(wide, other.fixed_rotate(x).double(), rtol=1e-5, atol=1e-6)
+        moved = rotation.to(torch.float64)  # a new factor dtype; the int8 signs stay the same tensor
+        assert torch.equal(moved.fixed_rotate(x.double()), wide)
+
+
 def test_hadamard_householder_pca_flattens_what_the_hadamard_left() -> None:
     dim, k = 256, 8
     generator = torch.Generator().manual_seed(5)
