@@ -63,6 +63,8 @@ ROTATION_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
 # Five rotations per layer (j = 0..4), each seeding up to three parts (seed, seed + 1, seed + 2).
 MIN_SEED_LAYER_STRIDE = 7
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The linears that read one shared input, in LINEAR_NAMES order.
+SIBLINGS = {group: tuple(name for name in LINEAR_NAMES if LINEAR_INPUTS[name] == group) for group in ("qkv", "upgate")}
 
 # Architecture differences the block needs, keyed by config.model_type. Both
 # families share the layer layout; each keeps its own RoPE and eager attention.
@@ -354,6 +356,8 @@ class HHDecoderBlock(nn.Module):
             ActivationQuantizer(bits=quant.kv_bits, symmetric=quant.kv_symmetric,
                                 learnable_clip=quant.kv_learnable_clip, clip_ratio_init=quant.a_clip_ratio_init)
             for _ in range(2))
+        # Sibling linears served as one kernel call (kernels.use_int4_kernels_); empty otherwise.
+        self.fused_linears = nn.ModuleDict()
         self._statistics: dict[str, list[torch.Tensor]] | None = None
         self.rotation_bypass = False  # set by rotations_disabled(); not a setting
         # Rotations, smoothing and quantizer parameters are created on the CPU; join the layer's device,
@@ -438,6 +442,14 @@ class HHDecoderBlock(nn.Module):
             entry[0] += gram
             entry[1] += rows.shape[0]
 
+    def _sibling_outputs(self, group: str, x_transformed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The outputs of the linears that read input ``group`` (``qkv``, ``upgate``), in
+        ``LINEAR_NAMES`` order, from their shared transformed input: one kernel call where
+        ``kernels.use_int4_kernels_`` fused them into ``fused_linears[group]``."""
+        if group in self.fused_linears:
+            return self.fused_linears[group].forward_transformed(x_transformed)
+        return tuple(self.linears[name].forward_transformed(x_transformed) for name in SIBLINGS[group])
+
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Any = None,
                 use_cache: bool | None = False, cache: Any = None,
@@ -470,9 +482,7 @@ class HHDecoderBlock(nn.Module):
         self._record("qkv", normed)
         qkv_input = linears["q_proj"].transform(normed)
         heads = (batch, length, -1, self.head_dim)
-        query = linears["q_proj"].forward_transformed(qkv_input).view(heads).transpose(1, 2)
-        key = linears["k_proj"].forward_transformed(qkv_input).view(heads).transpose(1, 2)
-        value = linears["v_proj"].forward_transformed(qkv_input).view(heads).transpose(1, 2)
+        query, key, value = [output.view(heads).transpose(1, 2) for output in self._sibling_outputs("qkv", qkv_input)]
         cos, sin = position_embeddings
         query, key = model_functions.apply_rotary_pos_emb(query, key, cos, sin)
         self._record("kv", key)
@@ -498,9 +508,8 @@ class HHDecoderBlock(nn.Module):
         residual = hidden_states
         normed = self.post_attention_norm(hidden_states)
         self._record("upgate", normed)
-        upgate_input = linears["gate_proj"].transform(normed)
-        gated = self.act_fn(linears["gate_proj"].forward_transformed(upgate_input))
-        intermediate = gated * linears["up_proj"].forward_transformed(upgate_input)
+        gate, up = self._sibling_outputs("upgate", linears["gate_proj"].transform(normed))
+        intermediate = self.act_fn(gate) * up
         self._record("down", intermediate)
         if self._statistics is not None:
             return residual  # collect_statistics keeps only the records: down_proj's output feeds none of them

@@ -824,6 +824,8 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
         # The linears' own tensors are set; their (shared) transforms still come from the file below.
         placed |= {f"{prefix}.linears.{name}.{leaf}" for name, linear in block.linears.items()
                    for leaf in (*linear._parameters, *linear._buffers)}
+        placed |= {f"{prefix}.fused_linears.{group}.{leaf}" for group, fused in block.fused_linears.items()
+                   for leaf in fused._buffers}
 
     if head == "int8":
         placed |= _int8_head_(model, reader, dtype)

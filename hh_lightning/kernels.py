@@ -33,6 +33,12 @@ Each ``Int4Linear`` also keeps the exact grid (``scale``, ``zero`` in their
 smallest lossless dtype, as the export stores them), so ``dequantized_weight()``
 reproduces the ``FoldedLinear``'s weight bit for bit and ``to_folded()`` gives
 it back.
+
+``FusedInt4Linear`` serves the linears that read one input (q/k/v, gate/up) as
+one kernel call on their stacked rows; the block calls it where
+``use_int4_kernels_`` installed it (``HHDecoderBlock.fused_linears``). At batch 1
+a decoding step is many small products, and each call's casts and dispatch cost
+about as much as the product.
 """
 
 from __future__ import annotations
@@ -47,9 +53,9 @@ from .linear import FoldedLinear, InputTransform
 from .quantizers import dequantize_codes
 from .rotation import as_dtype
 
-__all__ = ["KERNEL_BITS", "KERNEL_GROUP_SIZES", "Int4Layout", "Int4LayoutError", "Int4Linear", "Int8Embedding",
-           "Int8Linear", "KernelReport", "int4_layout", "int8_rows", "kernel_group_size", "layout_codes",
-           "serve_weight_only_", "use_int4_kernels_"]
+__all__ = ["KERNEL_BITS", "KERNEL_GROUP_SIZES", "FusedInt4Linear", "Int4Layout", "Int4LayoutError", "Int4Linear",
+           "Int8Embedding", "Int8Linear", "KernelReport", "fuse_refusal", "int4_layout", "int8_rows",
+           "kernel_group_size", "layout_codes", "serve_weight_only_", "use_int4_kernels_"]
 
 KERNEL_BITS = 4
 # What _weight_int4pack_mm_for_cpu accepts (torch 2.13); tinygemm on CUDA takes the same.
@@ -252,7 +258,10 @@ class Int4Linear(nn.Module):
         """The output for an input already passed through the shared transform."""
         leading = x_transformed.shape[:-1]
         rows = as_dtype(x_transformed.reshape(-1, self.in_features), self.scale_and_zero.dtype)
-        out = as_dtype(_int4_mm(rows, self.packed, self.kernel_group_size, self.scale_and_zero), x_transformed.dtype)
+        # contiguous(): a fused sibling's scales are a strided view (FusedInt4Linear), which the kernel
+        # would read as if packed; a no-op otherwise.
+        out = as_dtype(_int4_mm(rows, self.packed, self.kernel_group_size, self.scale_and_zero.contiguous()),
+                       x_transformed.dtype)
         if self.out_scale is not None:
             out = out * as_dtype(self.out_scale, out.dtype)
         if self.bias is not None:
@@ -265,6 +274,77 @@ class Int4Linear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, group_size={self.group_size}, "
                 f"kernel_group_size={self.kernel_group_size}, compute_dtype={self.scale_and_zero.dtype}")
+
+
+class FusedInt4Linear(nn.Module):
+    """Sibling ``Int4Linear``s that read one transformed input (q/k/v, gate/up) as one kernel call.
+
+    Their packed rows, kernel scales and zeros, output scales and biases are stacked here, and
+    each sibling's own buffers become views of its rows (no second copy), so the siblings still
+    work alone. At decoding's one row per call, each kernel call and its casts cost more than the
+    product itself. The kernel computes every output from its own row of the packed weight, so
+    the stacked call gives each sibling's output exactly (``tests/test_kernels.py``).
+
+    Args:
+        linears: the siblings, in output order; the same kernel group size, compute dtype and
+            device, and all or none with an output scale, and with a bias (``fuse_refusal``).
+    """
+
+    def __init__(self, linears: list["Int4Linear"]) -> None:
+        super().__init__()
+        reason = fuse_refusal(linears)
+        if reason is not None:
+            raise ValueError(f"cannot fuse these linears: {reason}")
+        first = linears[0]
+        self.in_features = first.in_features
+        self.kernel_group_size = first.kernel_group_size
+        self.split_sizes = [linear.out_features for linear in linears]
+        stacked = {"packed": torch.cat([linear.packed for linear in linears]),
+                   "scale_and_zero": torch.cat([linear.scale_and_zero for linear in linears], dim=1),
+                   "out_scale": None if first.out_scale is None else torch.cat([linear.out_scale for linear in linears]),
+                   "bias": None if first.bias is None else torch.cat([linear.bias for linear in linears])}
+        for name, tensor in stacked.items():
+            self.register_buffer(name, tensor)
+        start = 0
+        for linear, size in zip(linears, self.split_sizes):
+            for name, tensor in stacked.items():
+                if tensor is not None:
+                    rows = tensor.narrow(1 if name == "scale_and_zero" else 0, start, size)
+                    linear.register_buffer(name, rows)
+            start += size
+
+    def forward_transformed(self, x_transformed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each sibling's output, in order, for an input already passed through their shared transform."""
+        leading = x_transformed.shape[:-1]
+        rows = as_dtype(x_transformed.reshape(-1, self.in_features), self.scale_and_zero.dtype)
+        out = as_dtype(_int4_mm(rows, self.packed, self.kernel_group_size, self.scale_and_zero), x_transformed.dtype)
+        if self.out_scale is not None:
+            out = out * as_dtype(self.out_scale, out.dtype)
+        if self.bias is not None:
+            out = out + as_dtype(self.bias, out.dtype)
+        return out.reshape(*leading, -1).split(self.split_sizes, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, split_sizes={self.split_sizes}"
+
+
+def fuse_refusal(linears: list[nn.Module]) -> str | None:
+    """Why ``linears`` cannot be one ``FusedInt4Linear`` (``None``: they can)."""
+    if len(linears) < 2 or not all(isinstance(linear, Int4Linear) for linear in linears):
+        return "fewer than two Int4Linears"
+    first = linears[0]
+    if first.packed.device.type != "cpu":
+        # Only the CPU layout is verified to stack row blocks (tinygemm's tiles are untested here).
+        return f"the packed weight is on {first.packed.device.type}, not the CPU"
+    for linear in linears[1:]:
+        if linear.transform is not first.transform:
+            return "they do not share one input transform"
+        if (linear.in_features, linear.kernel_group_size, linear.scale_and_zero.dtype) != (
+                first.in_features, first.kernel_group_size, first.scale_and_zero.dtype):
+            return "their kernel group sizes or compute dtypes differ"
+        if (linear.out_scale is None) != (first.out_scale is None) or (linear.bias is None) != (first.bias is None):
+            return "some have an output scale or a bias and others do not"
+    return None
 
 
 def int8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,24 +429,28 @@ class KernelReport:
         int4: linears now served by ``Int4Linear``.
         fallback: ``{name: reason}`` of quantized linears left dequantizing (each warned about).
         dense: linears holding a float weight (nothing to pack).
+        fused: sibling groups served as one ``FusedInt4Linear`` (``model.layers.i.fused_linears.qkv``).
     """
 
     int4: list[str] = field(default_factory=list)
     fallback: dict[str, str] = field(default_factory=dict)
     dense: list[str] = field(default_factory=list)
+    fused: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, object]:
-        return {"int4": list(self.int4), "fallback": dict(self.fallback), "dense": list(self.dense)}
+        return {"int4": list(self.int4), "fallback": dict(self.fallback), "dense": list(self.dense),
+                "fused": list(self.fused)}
 
 
 @torch.no_grad()
 def use_int4_kernels_(model: nn.Module, compute_dtype: torch.dtype = DEFAULT_COMPUTE_DTYPE, *,
                       prefix: str = "") -> KernelReport:
     """Replace every quantized ``FoldedLinear`` of ``model``'s folded blocks (or of ``model``, one
-    ``HHDecoderBlock``) by an ``Int4Linear`` (in place). Grids the kernel cannot take stay
-    dequantizing, with a warning naming the linear and the reason. ``prefix``: prepended to the
-    names in the report and warnings. Returns the ``KernelReport``."""
-    from .block import HHDecoderBlock
+    ``HHDecoderBlock``) by an ``Int4Linear`` (in place), and serve siblings that read one input
+    (q/k/v, gate/up) as one ``FusedInt4Linear`` where ``fuse_refusal`` allows. Grids the kernel
+    cannot take stay dequantizing, with a warning naming the linear and the reason. ``prefix``:
+    prepended to the names in the report and warnings. Returns the ``KernelReport``."""
+    from .block import SIBLINGS, HHDecoderBlock
 
     report = KernelReport()
     blocks = [(".".join(filter(None, (prefix, name))), module) for name, module in model.named_modules()
@@ -390,6 +474,12 @@ def use_int4_kernels_(model: nn.Module, compute_dtype: torch.dtype = DEFAULT_COM
             except Int4LayoutError as error:
                 report.fallback[key] = str(error)
                 warnings.warn(f"{key}: {error}; it keeps the dequantizing FoldedLinear", stacklevel=2)
+        for group, names in SIBLINGS.items():
+            siblings = [block.linears[name] for name in names]
+            if group not in block.fused_linears and fuse_refusal(siblings) is None:
+                block.fused_linears[group] = FusedInt4Linear(siblings)
+            if group in block.fused_linears:
+                report.fused.append(f"{prefix}.fused_linears.{group}")
     return report
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from hh_lightning.block import BlockQuantConfig, wrap_model
+from hh_lightning.block import SIBLINGS, BlockQuantConfig, wrap_model
 from hh_lightning.export import load_quantized, save_quantized
 from hh_lightning.kernels import (
-    Int4LayoutError, Int4Linear, Int8Embedding, Int8Linear, int4_layout, int8_rows, layout_codes, serve_weight_only_,
-    use_int4_kernels_)
+    FusedInt4Linear, Int4LayoutError, Int4Linear, Int8Embedding, Int8Linear, fuse_refusal, int4_layout, int8_rows,
+    layout_codes, serve_weight_only_, use_int4_kernels_)
 from hh_lightning.linear import FoldedLinear, HHLinear, InputTransform
 from hh_lightning.quantizers import WeightQuantizer
 from hh_lightning.weight_only import quantize_weights_hqq
@@ -138,14 +138,20 @@ def test_loading_with_kernels_packs_exactly_what_packing_after_the_load_gives(tm
     assert all(torch.equal(state[key], reference[key]) for key in reference)
 
 
-def test_w4a4_served_as_w4a16_keeps_rotations_online() -> None:
-    model = tiny_model("qwen2", **SIZES)
+def _folded_w4a4(model_type: str = "qwen2"):
+    """A tiny W4A4KV4 model with the shipped rotation structure, folded (symmetric per-channel grids)."""
+    model = tiny_model(model_type, **SIZES)
     quant = BlockQuantConfig(w_bits=4, a_bits=4, kv_bits=4, w_init="minmax", rotation_structure="hadamard_householder",
                              rotation_init="random", qkv_reflections=8, upgate_reflections=8, down_reflections=8)
     wrap_model(model, quant)
     for block in model.model.layers:
         block.initialize_weight_quantizers()
         block.fold_()
+    return model
+
+
+def test_w4a4_served_as_w4a16_keeps_rotations_online() -> None:
+    model = _folded_w4a4()
     tokens = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         w4a4 = model(tokens).logits
@@ -156,6 +162,47 @@ def test_w4a4_served_as_w4a16_keeps_rotations_online() -> None:
         report = use_int4_kernels_(model, torch.float32)
         assert len(report.int4) == 2 * 7 and not report.fallback
         assert _relative_error(model(tokens).logits, w4a16) < 1e-5
+
+
+@pytest.mark.parametrize("form", ["hqq qwen2", "hqq llama", "w4a4 qwen2"])
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float32])
+def test_fused_siblings_give_each_linears_own_output_exactly(form, compute_dtype) -> None:
+    """q/k/v and gate/up as one kernel call: every output bit for bit what each linear gives alone
+    (grouped HQQ grids with and without biases, per-channel W4A4 grids), and each sibling still
+    computes alone through the views of the stacked buffers."""
+    kind, model_type = form.split()
+    model = (quantize_weights_hqq(tiny_model(model_type, **SIZES), group_size=64) if kind == "hqq"
+             else _folded_w4a4(model_type))
+    report = use_int4_kernels_(model, compute_dtype)
+    assert len(report.fused) == len(SIBLINGS) * len(model.model.layers) and not report.fallback
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 5, SIZES["hidden_size"], generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fused = model(tokens).logits
+        for block in model.model.layers:
+            for group, names in SIBLINGS.items():
+                together = block.fused_linears[group].forward_transformed(x)
+                assert len(together) == len(names)
+                for name, output in zip(names, together):
+                    assert torch.equal(output, block.linears[name].forward_transformed(x)), (group, name)
+            block.fused_linears.clear()
+        assert torch.equal(model(tokens).logits, fused)
+
+
+def test_siblings_that_cannot_share_one_kernel_call_are_refused() -> None:
+    first, second = (Int4Linear.from_folded(_folded("hqq", seed=seed)) for seed in (0, 1))
+    assert "share one input transform" in fuse_refusal([first, second])
+    with pytest.raises(ValueError, match="cannot fuse these linears: they do not share"):
+        FusedInt4Linear([first, second])
+    second.transform = first.transform
+    assert fuse_refusal([first, second]) is None
+    assert "fewer than two" in fuse_refusal([first])
+    channel = Int4Linear.from_folded(_folded("symmetric_channel"))
+    channel.transform = first.transform
+    assert fuse_refusal([first, channel]) is not None  # another kernel group size, or an output scale
+    unbiased = Int4Linear.from_folded(_folded("hqq", seed=2))
+    unbiased.transform, unbiased.bias = first.transform, None
+    assert "bias" in fuse_refusal([first, unbiased])
 
 
 def test_int8_rows_are_within_half_a_step_of_the_weight() -> None:
