@@ -404,6 +404,12 @@ class HHDecoderBlock(nn.Module):
         }
         return {name: rotation for name, rotation in found.items() if rotation is not None}
 
+    def online_rotations(self) -> dict[str, Rotation]:
+        """The rotations applied to activations at run time: ``rotations()`` less a head-dim ``o``
+        one, which lives in the weights of v_proj and o_proj (``o_rotation='head'``)."""
+        return {name: rotation for name, rotation in self.rotations().items()
+                if not (name == "o" and self.o_rotation is not None)}
+
     def source_state_names(self) -> list[str]:
         """State-dict names of the tensors copied from the full-precision layer: the linears' weights and
         biases and the norms' (γ = 1) weights. They never train, and building the block from the same

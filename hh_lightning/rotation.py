@@ -323,6 +323,13 @@ class Rotation(nn.Module):
     def spec(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def build_inference_cache_(self, dtype: torch.dtype = torch.float32) -> "Rotation":
+        """Build now, on the rotation's device, what its calls without gradients cache for inputs of
+        ``dtype``; returns self. A loader calls this before the first forward: built lazily inside a
+        long prefill, these small long-lived tensors land between its large temporaries and keep
+        that memory resident. Structures without such a cache do nothing."""
+        return self
+
     @torch.no_grad()
     def round_to_(self, dtype: torch.dtype) -> "Rotation":
         """Round every learned value to a ``dtype`` number (kept in its own dtype), in place; returns self.
@@ -465,6 +472,11 @@ class HouseholderRotation(Rotation):
             cached = (key, tuple(t.to(device=device, dtype=dtype) for t in value))
             self._frozen_cache = cached
         return cached[1]
+
+    def build_inference_cache_(self, dtype: torch.dtype = torch.float32) -> "HouseholderRotation":
+        with torch.no_grad():
+            self._frozen(self._device(), dtype)
+        return self
 
     def _apply_frozen(self, x: torch.Tensor, transpose: bool) -> torch.Tensor | None:
         frozen = self._frozen(x.device, x.dtype)

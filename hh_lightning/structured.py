@@ -133,6 +133,11 @@ class KroneckerRotation(Rotation):
         """``(A, B)``: full factors (k = a, k = b), whose ``matrix()`` is reused across calls without gradients."""
         return self.factor_a.matrix().to(dtype), self.factor_b.matrix().to(dtype)
 
+    def build_inference_cache_(self, dtype: torch.dtype = torch.float32) -> "KroneckerRotation":
+        self.factor_a.build_inference_cache_(dtype)
+        self.factor_b.build_inference_cache_(dtype)
+        return self
+
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x R = vec_row(Aᵀ X B)`` of ``x ⊙ s``, ``x``: ``(..., d)``."""
         dtype = _compute_dtype(x)
@@ -225,6 +230,13 @@ class HadamardHouseholderRotation(Rotation):
         if not grad:
             self._fixed_cache[key] = (signs, signs._version, operands)
         return operands
+
+    def build_inference_cache_(self, dtype: torch.dtype = torch.float32) -> "HadamardHouseholderRotation":
+        with torch.no_grad():
+            self._fixed_operands(self.signs.device, torch.promote_types(dtype, torch.float32), False)
+        if self.reflections is not None:
+            self.reflections.build_inference_cache_(dtype)
+        return self
 
     def fixed_rotate(self, x: torch.Tensor) -> torch.Tensor:
         """``x F`` (the fixed part alone), ``x``: ``(..., d)``."""

@@ -121,6 +121,34 @@ def test_reload_gives_identical_logits(saved) -> None:
     assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == model.config.tie_word_embeddings
 
 
+def _inference_caches(model: nn.Module) -> dict[tuple[int, str, str], object]:
+    """Every cache entry the online rotations hold, by (layer, rotation, entry)."""
+    entries = {}
+    for index, block in enumerate(model.model.layers):
+        for name, rotation in block.online_rotations().items():
+            for part, module in rotation.named_modules():
+                frozen = getattr(module, "_frozen_cache", None)
+                if frozen is not None:
+                    entries[(index, name, f"{part}._frozen_cache")] = frozen
+                for key, fixed in getattr(module, "_fixed_cache", {}).items():
+                    entries[(index, name, f"{part}._fixed_cache{key}")] = fixed
+    return entries
+
+
+def test_load_builds_the_rotations_inference_caches_that_the_forward_then_uses(saved) -> None:
+    """Built lazily inside a long prefill, these caches pinned its temporaries in the heap: the
+    loader builds them first, and the forward finds them rather than building its own."""
+    model, directory = saved
+    loaded = load_quantized(directory)
+    before = _inference_caches(loaded)
+    rotations = {(index, name) for index, block in enumerate(loaded.model.layers) for name in block.online_rotations()}
+    assert rotations and {(index, name) for index, name, _ in before} == rotations
+    tokens = torch.randint(0, model.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
+    _logits(loaded, tokens)
+    after = _inference_caches(loaded)
+    assert after.keys() == before.keys() and all(after[key] is before[key] for key in before)
+
+
 def test_load_builds_on_meta_and_folds_nothing(saved, monkeypatch) -> None:
     """The loader never allocates the FP skeleton (transformers' model is built on the meta device)
     and never computes a fold: every value comes from the file, and nothing is left on meta."""
