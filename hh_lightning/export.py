@@ -874,7 +874,7 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
     if kernels == "int4" and not pack_while_reading:
         use_int4_kernels_(model)
     # Before any forward: built lazily inside the first long prefill, these small caches pinned about
-    # 95 MiB of its temporaries in the heap (SmolLM2 W4A4 as W4A16, 512 tokens; README).
+    # 110 MiB of its temporaries in the heap (SmolLM2 W4A4 as W4A16, 512 tokens; README).
     for layer in layers:
         for rotation in layer.online_rotations().values():
             rotation.build_inference_cache_(model.dtype)

@@ -114,6 +114,9 @@ def _pack(codes: torch.Tensor) -> torch.Tensor:
 
 def _int4_mm(x: torch.Tensor, packed: torch.Tensor, group_size: int, scale_and_zero: torch.Tensor) -> torch.Tensor:
     """``x (M, in)`` times the packed weight: ``(M, out)`` in ``x``'s dtype."""
+    # The CPU kernel reads its scales as if packed, whatever their strides, and a fused sibling's are a
+    # strided view (FusedInt4Linear): a no-op for every other caller.
+    scale_and_zero = scale_and_zero.contiguous()
     if x.device.type == "cuda":  # pragma: no cover - no GPU on the test machines
         return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scale_and_zero)
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scale_and_zero)
@@ -192,6 +195,21 @@ def layout_codes(layout: Int4Layout) -> torch.Tensor:
     return _int4_mm(eye, layout.packed, layout.group_size, unit).T.round().to(torch.uint8)
 
 
+def _kernel_forward(linear: nn.Module, x_transformed: torch.Tensor) -> torch.Tensor:
+    """``K(x̃) (· s) + b`` of an ``Int4Linear`` or ``FusedInt4Linear`` (their ``in_features``, ``packed``,
+    ``scale_and_zero``, ``out_scale``, ``bias``, ``kernel_group_size``): ``x̃ (..., in)`` to
+    ``(..., out)`` in ``x̃``'s dtype, the kernel run in the compute dtype."""
+    leading = x_transformed.shape[:-1]
+    rows = as_dtype(x_transformed.reshape(-1, linear.in_features), linear.scale_and_zero.dtype)
+    out = as_dtype(_int4_mm(rows, linear.packed, linear.kernel_group_size, linear.scale_and_zero),
+                   x_transformed.dtype)
+    if linear.out_scale is not None:
+        out = out * as_dtype(linear.out_scale, out.dtype)
+    if linear.bias is not None:
+        out = out + as_dtype(linear.bias, out.dtype)
+    return out.reshape(*leading, out.shape[-1])
+
+
 class Int4Linear(nn.Module):
     """A ``FoldedLinear`` served through the packed-int4 kernel: ``y = K(x̃) (· s) + b``.
 
@@ -256,17 +274,7 @@ class Int4Linear(nn.Module):
 
     def forward_transformed(self, x_transformed: torch.Tensor) -> torch.Tensor:
         """The output for an input already passed through the shared transform."""
-        leading = x_transformed.shape[:-1]
-        rows = as_dtype(x_transformed.reshape(-1, self.in_features), self.scale_and_zero.dtype)
-        # contiguous(): a fused sibling's scales are a strided view (FusedInt4Linear), which the kernel
-        # would read as if packed; a no-op otherwise.
-        out = as_dtype(_int4_mm(rows, self.packed, self.kernel_group_size, self.scale_and_zero.contiguous()),
-                       x_transformed.dtype)
-        if self.out_scale is not None:
-            out = out * as_dtype(self.out_scale, out.dtype)
-        if self.bias is not None:
-            out = out + as_dtype(self.bias, out.dtype)
-        return out.reshape(*leading, self.out_features)
+        return _kernel_forward(self, x_transformed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_transformed(self.transform(x))
@@ -315,14 +323,7 @@ class FusedInt4Linear(nn.Module):
 
     def forward_transformed(self, x_transformed: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Each sibling's output, in order, for an input already passed through their shared transform."""
-        leading = x_transformed.shape[:-1]
-        rows = as_dtype(x_transformed.reshape(-1, self.in_features), self.scale_and_zero.dtype)
-        out = as_dtype(_int4_mm(rows, self.packed, self.kernel_group_size, self.scale_and_zero), x_transformed.dtype)
-        if self.out_scale is not None:
-            out = out * as_dtype(self.out_scale, out.dtype)
-        if self.bias is not None:
-            out = out + as_dtype(self.bias, out.dtype)
-        return out.reshape(*leading, -1).split(self.split_sizes, dim=-1)
+        return _kernel_forward(self, x_transformed).split(self.split_sizes, dim=-1)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, split_sizes={self.split_sizes}"
@@ -331,7 +332,7 @@ class FusedInt4Linear(nn.Module):
 def fuse_refusal(linears: list[nn.Module]) -> str | None:
     """Why ``linears`` cannot be one ``FusedInt4Linear`` (``None``: they can)."""
     if len(linears) < 2 or not all(isinstance(linear, Int4Linear) for linear in linears):
-        return "fewer than two Int4Linears"
+        return "fewer than two linears, or not all of them Int4Linears"
     first = linears[0]
     if first.packed.device.type != "cpu":
         # Only the CPU layout is verified to stack row blocks (tinygemm's tiles are untested here).
