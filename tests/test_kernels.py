@@ -85,6 +85,31 @@ def test_kernel_linear_matches_the_dequantizing_linear(grid) -> None:
     assert _relative_error(fast, reference) < 1e-2
 
 
+@pytest.mark.parametrize("grid", GRIDS)
+def test_bf16_kernel_error_is_bf16s_own_rounding(grid) -> None:
+    """Against the exact product (float64), the bf16 kernel adds no more than bf16 itself forces:
+    a per-channel grid (its scale applied after, in fp32) sits at the error of rounding the input
+    and the output to bf16; a grouped grid adds its bf16 scales, about as much as dequantizing the
+    weight to bf16 does. One bf16 rounding of the output is already above 1e-3."""
+    folded = _folded(grid, out_features=96, in_features=256)
+    x = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    weight, bias = folded.dequantized_weight().double(), folded.bias.double()
+
+    def exact(inputs):
+        return torch.nn.functional.linear(inputs.double(), weight, bias)
+
+    reference = exact(x)
+    output_rounding = _relative_error(reference.bfloat16().double(), reference)
+    input_and_output_rounding = _relative_error(exact(x.bfloat16()).bfloat16().double(), reference)
+    kernel = _relative_error(Int4Linear.from_folded(folded).forward_transformed(x).double(), reference)
+    dequantizing_bf16 = _relative_error(folded.forward_transformed(x.bfloat16()).double(), reference)
+    assert output_rounding > 1e-3
+    if grid == "symmetric_channel":
+        assert kernel <= 1.1 * input_and_output_rounding
+    else:
+        assert kernel <= 1.5 * input_and_output_rounding and kernel <= 1.25 * dequantizing_bf16
+
+
 @pytest.mark.parametrize("bits, group, match", [(3, 32, "bits=3"), (8, 32, "bits=8"), (4, 16, "group_size=16")])
 def test_grids_the_kernel_cannot_take_fall_back_with_a_warning(bits, group, match) -> None:
     model = quantize_weights_hqq(tiny_model("llama", **SIZES), bits=bits, group_size=group)
