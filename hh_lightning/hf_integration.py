@@ -158,6 +158,9 @@ class HHLightningHfQuantizer(HfQuantizer):
                 setattr(model, name, _Empty())
         model.all_tied_weights_keys = {}
         model._keys_to_ignore_on_load_unexpected = {r".*"}
+        # transformers >= 5.25 kernelizes (hub kernels) before the quantizer's post-processing, and finds the
+        # device from the first parameter, which this emptied model no longer has: name it.
+        model._kernels_device = self.device
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **_: Any) -> nn.Module:
@@ -174,6 +177,10 @@ class HHLightningHfQuantizer(HfQuantizer):
         model.generation_config = loaded.generation_config
         model.all_tied_weights_keys = loaded.all_tied_weights_keys
         del model._keys_to_ignore_on_load_unexpected  # back to the class's
+        if getattr(model, "use_kernels", False):
+            # Hub kernels would swap the forwards of the norms inside the blocks, and the logits would then
+            # differ from load_quantized's: back to torch's own (set_use_kernels(True) opts in again).
+            model.use_kernels = False
         return model.eval()
 
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
