@@ -23,8 +23,8 @@ from hh_lightning.files import write_json_atomic  # noqa: E402  (re-exported: on
 from hh_lightning.report import markdown_table  # noqa: E402
 
 __all__ = ["KV4_SETTINGS", "STRUCTURE_RECIPES", "machine_info", "markdown_table", "median_time",
-           "print_markdown_table", "quant_overrides", "stored_rows", "structure_overrides", "synchronized",
-           "write_json_atomic"]
+           "print_markdown_table", "quant_overrides", "relative_error", "stored_rows", "structure_overrides",
+           "synchronized", "write_json_atomic"]
 
 
 def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> float:
@@ -37,6 +37,12 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    """``‖approx − exact‖ / ‖exact‖`` (norms over all elements), computed in float64."""
+    exact = exact.double()
+    return float((approx.double() - exact).norm() / exact.norm())
 
 
 def synchronized(fn: Callable[[], Any], device: str) -> Callable[[], Any]:

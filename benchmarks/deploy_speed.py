@@ -234,15 +234,12 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _relative_error(approx, exact) -> float:
-    return float((approx.float() - exact).norm() / exact.norm())
-
-
 def kernel_error(form: str, directory: Path, serving: str, threads: int) -> float:
     """Relative error of the logits on 128 tokens: for a quantized ``form`` served as ``serving``,
     against its dequantizing path in fp32; for ``fp32``, the FP model run in bf16 against fp32
     (the scale of bf16 rounding over the whole model)."""
     import torch
+    from _common import relative_error
 
     torch.set_num_threads(threads)
     exact = _load(form, directory, "none")
@@ -252,7 +249,7 @@ def kernel_error(form: str, directory: Path, serving: str, threads: int) -> floa
         approx = _load(form, directory, serving)
     tokens = torch.randint(0, exact.config.vocab_size, (1, CHECK_TOKENS), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        return _relative_error(approx(tokens).logits, exact(tokens).logits)
+        return relative_error(approx(tokens).logits, exact(tokens).logits)
 
 
 def _child(command: list[str]) -> dict[str, Any]:

