@@ -21,6 +21,7 @@ Conventions used everywhere in the package:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Literal
 
@@ -92,6 +93,16 @@ def hadamard_like(dim: int, generator: torch.Generator | None = None,
 # --------------------------------------------------------------------------
 # Functional core (usable without the module)
 # --------------------------------------------------------------------------
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """A region autocast does not reach (Lightning's ``bf16-mixed`` runs the forward under it):
+    every rotation's arithmetic stays in its float32 (or wider) compute dtype, so the rotated
+    rows do not depend on the precision setting, and the triangular solve has no bf16 kernel.
+    A no-op on devices without autocast (``meta``, used to count a 7B block's numbers)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
 def _triangular_factor(vectors: torch.Tensor) -> torch.Tensor:
     """``U = striu(V Vᵀ) + diag(V Vᵀ)/2`` for ``vectors`` ``V`` of shape ``(k, d)``.
 
@@ -127,8 +138,13 @@ def householder_apply(x: torch.Tensor, vectors: torch.Tensor, transpose: bool = 
     ``transpose=True``) in ``x``'s dtype. ``method='auto'`` picks the cheapest of
     three exact evaluation orders by multiply-add count (``_apply_costs``). The
     arithmetic runs in float32 at least, since the triangular solve is
-    sensitive to bf16 rounding.
+    sensitive to bf16 rounding, and autocast is switched off around it.
     """
+    with autocast_off(x.device):
+        return _householder_apply(x, vectors, transpose, method)
+
+
+def _householder_apply(x: torch.Tensor, vectors: torch.Tensor, transpose: bool, method: ApplyMethod) -> torch.Tensor:
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     v = vectors.to(compute_dtype)
     rows = x.reshape(-1, x.shape[-1]).to(compute_dtype)
@@ -462,16 +478,21 @@ class HouseholderRotation(Rotation):
         key = (self.vectors._version, self.vectors.data_ptr(), device, dtype)
         cached = getattr(self, "_frozen_cache", None)
         if cached is None or cached[0] != key:
-            vectors = self.vectors.detach().float()
-            if self.num_reflections >= self.dense_apply_ratio * self.dim:
-                value: tuple[torch.Tensor, ...] = (householder_matrix(vectors),)
-            else:
-                factor = _triangular_factor(vectors)
-                value = (vectors.T.contiguous(), torch.linalg.solve_triangular(factor.T, vectors, upper=False),
-                         torch.linalg.solve_triangular(factor, vectors, upper=True))
-            cached = (key, tuple(t.to(device=device, dtype=dtype) for t in value))
+            with autocast_off(device):
+                cached = (key, self._frozen_factors(device, dtype))
             self._frozen_cache = cached
         return cached[1]
+
+    def _frozen_factors(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """``_frozen``'s value, computed in float32, then moved to ``device`` and ``dtype``."""
+        vectors = self.vectors.detach().float()
+        if self.num_reflections >= self.dense_apply_ratio * self.dim:
+            value: tuple[torch.Tensor, ...] = (householder_matrix(vectors),)
+        else:
+            factor = _triangular_factor(vectors)
+            value = (vectors.T.contiguous(), torch.linalg.solve_triangular(factor.T, vectors, upper=False),
+                     torch.linalg.solve_triangular(factor, vectors, upper=True))
+        return tuple(t.to(device=device, dtype=dtype) for t in value)
 
     def build_inference_cache_(self, dtype: torch.dtype = torch.float32) -> "HouseholderRotation":
         with torch.no_grad():
@@ -483,13 +504,15 @@ class HouseholderRotation(Rotation):
         if frozen is None:
             return None
         rows = as_dtype(x, frozen[0].dtype)
-        if len(frozen) == 1:
-            out = rows @ (frozen[0].T if transpose else frozen[0])
-        else:
-            vectors_t, solved, solved_t = frozen
-            flat = rows.reshape(-1, rows.shape[-1])
-            # One fused x - (x Vᵀ) Z: about half the time of a separate product and subtraction on CPU.
-            out = torch.addmm(flat, flat @ vectors_t, solved_t if transpose else solved, alpha=-1).reshape(rows.shape)
+        with autocast_off(x.device):  # the same float32 arithmetic as the training path's
+            if len(frozen) == 1:
+                out = rows @ (frozen[0].T if transpose else frozen[0])
+            else:
+                vectors_t, solved, solved_t = frozen
+                flat = rows.reshape(-1, rows.shape[-1])
+                # One fused x - (x Vᵀ) Z: about half the time of a separate product and subtraction on CPU.
+                out = torch.addmm(flat, flat @ vectors_t, solved_t if transpose else solved,
+                                  alpha=-1).reshape(rows.shape)
         return as_dtype(out, x.dtype)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:

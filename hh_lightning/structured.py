@@ -33,6 +33,7 @@ from .rotation import (
     HouseholderRotation,
     Rotation,
     as_dtype,
+    autocast_off,
     dct_matrix,
     power_of_two_factor,
     sylvester_hadamard,
@@ -67,8 +68,13 @@ def kronecker_apply(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tenso
 
     ``x`` is viewed row-major as a ``(..., f_1, …, f_r)`` tensor and each
     ``F_i`` (``f_i × f_i``) contracts its axis: ``Σ_r f_i`` multiply-adds per
-    entry instead of ``Π f_i``.
+    entry instead of ``Π f_i``. Autocast does not reach it (``rotation.autocast_off``).
     """
+    with autocast_off(x.device):
+        return _kronecker_apply(x, factors)
+
+
+def _kronecker_apply(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
     sizes = [factor.shape[0] for factor in factors]
     lead = x.shape[:-1]
     if len(factors) == 2:

@@ -179,6 +179,17 @@ def test_inference_cache_matches_wy_and_follows_updates(k: int) -> None:
     assert rotation.rotate(x).requires_grad  # with gradients on, the WY path runs
 
 
+@pytest.mark.parametrize("method", ["wy", "wy_vectors", "materialized"])
+def test_autocast_does_not_reach_householder_apply(method: str) -> None:
+    """Every evaluation order of the WY product runs in float32 under bf16 autocast, bit for bit
+    as outside it (the triangular solve has no bf16 kernel). The structures: test_structured.py."""
+    vectors, x = torch.randn(8, 32), torch.randn(7, 32)
+    expected = householder_apply(x, vectors, method=method)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = householder_apply(x, vectors, method=method)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
 @pytest.mark.parametrize("dim,count", [(1024, 32), (300, 32), (64, 0)])
 def test_top_eigenvectors_match_eigh(dim: int, count: int) -> None:
     """Subspace iteration (count ≪ dim) or eigh: orthonormal rows whose Rayleigh quotients are the top

@@ -70,6 +70,24 @@ def test_online_apply_equals_dense_matrix_forward_and_gradients(structure: str, 
 
 
 @pytest.mark.parametrize("structure,init", CASES)
+@pytest.mark.parametrize("grad", [True, False])  # training's path; inference's cached factors
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_does_not_reach_any_rotation(structure: str, init: str, grad: bool, dtype: torch.dtype) -> None:
+    """Under autocast (Lightning's ``*-mixed`` precision) every structure computes ``x R``, ``x Rᵀ``
+    and ``W R`` of float32 rows exactly as outside it: the rotated rows must not depend on the
+    precision setting, and the WY triangular solve has no bf16 kernel at all."""
+    dim = 96
+    x, weight = torch.randn(2, 5, dim), torch.randn(7, dim)
+    results = []
+    for enabled in (False, True):
+        rotation = _build(structure, init, dim, seed=2)  # fresh: no factors cached by the other pass
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=dtype, enabled=enabled):
+            results.append((rotation.rotate(x), rotation.rotate_transposed(x), rotation.rotate_weight(weight)))
+    for plain, autocast in zip(*results, strict=True):
+        assert autocast.dtype == torch.float32 and torch.equal(autocast, plain)
+
+
+@pytest.mark.parametrize("structure,init", CASES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_rounding_to_a_storage_dtype_keeps_the_rotation_orthogonal_and_close(structure, init, dtype) -> None:
     dim = 96
