@@ -22,6 +22,7 @@ Conventions used everywhere in the package:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Any, Literal
 
@@ -97,10 +98,16 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """A region autocast does not reach (Lightning's ``bf16-mixed`` runs the forward under it):
     every rotation's arithmetic stays in its float32 (or wider) compute dtype, so the rotated
     rows do not depend on the precision setting, and the triangular solve has no bf16 kernel.
-    A no-op on devices without autocast (``meta``, used to count a 7B block's numbers)."""
-    if not torch.amp.is_autocast_available(device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, enabled=False)
+    A no-op where autocast is off or absent (``meta``), which costs a tenth of entering it: the
+    deployed model decodes one row at a time through several rotations a layer."""
+    kind = device.type
+    if not (_autocast_available(kind) and torch.is_autocast_enabled(kind)):
+        return _NO_CONTEXT
+    return torch.autocast(device_type=kind, enabled=False)
+
+
+_autocast_available = functools.lru_cache(maxsize=None)(torch.amp.is_autocast_available)
+_NO_CONTEXT = contextlib.nullcontext()  # reusable: it holds nothing
 
 
 def _triangular_factor(vectors: torch.Tensor) -> torch.Tensor:
