@@ -1,15 +1,21 @@
 """Calibration (training-step) speed of one W4A4 ``HHBlockModule`` against a plain fp32 layer step.
 
-For two block shapes built from configs in code with random weights (no downloads):
+For block shapes built from configs in code with random weights (no downloads):
 
 * ``smollm2-135m``: Llama config, hidden 576, intermediate 1536, 9 heads, 3 KV heads, head_dim 64;
 * ``qwen2.5-0.5b``: Qwen2 config, hidden 896, intermediate 4864, 14 heads, 2 KV heads, head_dim 64;
+* ``qwen2.5-7b`` (only when named in ``--models``): Qwen2 config, hidden 3584, intermediate
+  18944, 28 heads, 4 KV heads, head_dim 128;
 
 it times, on the same random batch ``x`` of ``--batch × --seq-len`` hidden states (fp32):
 
-* ``wrapped``: one calibration step of ``HHBlockModule`` with the default ``BlockQuantConfig``
-  (W4 per-channel symmetric with learnable clips, A4 per-token asymmetric with learnable clips,
-  64 reflections for R_qkv / R_upgate / R_down, head-dim R_o folded). The module is driven
+* ``wrapped``: one calibration step of ``HHBlockModule``. Without ``--config``, with the default
+  ``BlockQuantConfig`` (W4 per-channel symmetric with learnable clips, A4 per-token asymmetric
+  with learnable clips, 64 reflections for R_qkv / R_upgate / R_down, head-dim R_o folded), in
+  fp32, at batch 4 × 256; with ``--config RECIPE.yaml``, with that recipe's ``model.quant``,
+  ``model.optim``, ``trainer.precision`` (``bf16-mixed``: the forward under bf16 autocast, as
+  Lightning runs it) and ``data.batch_size`` × ``data.seq_len`` (``--batch`` / ``--seq-len``
+  override them). The module is driven
   **without a Trainer**: ``attach_source`` + ``configure_model()``, then the rotations are
   PCA-initialized (``block.init_rotations_pca_(block.collect_statistics(x))``) and the weight
   quantizers clip-searched (``block.initialize_weight_quantizers()``), as the callbacks do. The
@@ -29,11 +35,33 @@ only), so ``wrapped - no-quant`` is the fake quantizers' share. With ``--profile
 forward ranges of rotations, weight / activation quantizers (record_function wrappers added
 here at run time; the core modules are not changed).
 
+``step peak GiB`` is the peak memory of one more wrapped step, taken after the plain step's
+gradients and AdamW state are dropped, so it holds what the pipeline holds while it trains a
+layer: the FP layer, the wrapped block, its optimizer state and the step's activations.
+``fold peak GiB`` (with ``--estimate``) is the peak of the statistics pass and the GPTQ fold,
+whose float64 Hessians dominate at 7B shapes. On CUDA both are ``torch.cuda.max_memory_allocated``
+since a reset; on the CPU, the process's peak RSS (``VmHWM``) since Linux's ``clear_refs``
+reset it, so they include the Python and torch runtime.
+
+``--estimate`` (with ``--config``) extrapolates a whole model's calibration at the recipe's
+sizes from what it measures on the one block: ``init`` (PCA init and clip search), the median
+``forward`` (no gradient) of the wrapped block on the batch, and the GPTQ ``fold`` (statistics
+from the batch; the fold's cost depends on the shapes, not on the values). Per layer, with
+``B = ceil(data.n_samples / batch)`` batches, ``V = ceil(data.val_samples / batch)`` and
+``E = trainer.max_epochs``::
+
+    layer = E·B·step + init + fold + forward·(2B + (E + 1)·V)
+
+(the statistics pass and the pass that writes the next layer's inputs, then the validation
+before training and after each epoch), times the model's layer count. Not counted: building the
+activation cache (one FP pass of the model) and the final evaluation.
+
 Times are medians (``median_time``) of ``--repeats`` calls after ``--warmup``; on a shared
 machine compare ratios, not absolute times.
 
 Run: ``python benchmarks/calibration_speed.py [--batch 4] [--seq-len 256] [--threads 2]
-[--models smollm2-135m qwen2.5-0.5b] [--device cpu|cuda]``
+[--models smollm2-135m qwen2.5-0.5b qwen2.5-7b] [--device cpu|cuda] [--config RECIPE.yaml
+[--estimate]]``
 """
 
 from __future__ import annotations
@@ -41,7 +69,9 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
+import gc
 import re
 import shutil
 import statistics
@@ -50,7 +80,9 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -81,21 +113,42 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "calibration_speed.json"
 OVERHEAD_JSON = REPO / "benchmarks" / "results" / "layer_overhead.json"
 
-# Block shapes of the two target models (one layer; a tiny vocabulary since only the layer runs).
+# Block shapes of the target models (one layer; a tiny vocabulary since only the layer runs).
 SHAPES = {
     "smollm2-135m": (LlamaConfig, dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9,
                                        num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
                                        rope_theta=100000.0)),
     "qwen2.5-0.5b": (Qwen2Config, dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14,
                                        num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=1000000.0)),
+    "qwen2.5-7b": (Qwen2Config, dict(hidden_size=3584, intermediate_size=18944, num_attention_heads=28,
+                                     num_key_value_heads=4, head_dim=128, rms_norm_eps=1e-6,
+                                     rope_theta=1000000.0)),
 }
+# Decoder layers of each whole model: what --estimate multiplies one layer's time by.
+MODEL_LAYERS = {"smollm2-135m": 30, "qwen2.5-0.5b": 24, "qwen2.5-7b": 28}
+DEFAULT_MODELS = ["smollm2-135m", "qwen2.5-0.5b"]
+# The README table's setting, used without --config: 64 PCA-initialized plain Householder
+# reflections, fp32, batch 4 x 256.
+DEFAULT_QUANT = dict(rotation_structure="householder", qkv_reflections=64, upgate_reflections=64,
+                     down_reflections=64)
+DEFAULT_BATCH, DEFAULT_SEQ_LEN = 4, 256
+AUTOCAST_DTYPES = {"32": None, "32-true": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--batch", type=int, default=4, help="sequences per calibration step")
-    parser.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, choices=list(SHAPES))
+    parser.add_argument("--batch", type=int, default=None,
+                        help=f"sequences per calibration step (default: --config's, else {DEFAULT_BATCH})")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help=f"tokens per sequence (default: --config's, else {DEFAULT_SEQ_LEN})")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="recipe YAML: the step's model.quant/optim, trainer.precision and data sizes "
+                             "(default: the README table's 64-reflection fp32 setting); with "
+                             "--per-layer-overhead, the recipe train.py runs (default configs/demo.yaml)")
+    parser.add_argument("--estimate", action="store_true",
+                        help="also time a forward and the GPTQ fold, and extrapolate the whole model's "
+                             "calibration at --config's sizes")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps before timing")
     parser.add_argument("--ablation", action=argparse.BooleanOptionalAction, default=True,
@@ -114,22 +167,130 @@ def parse_args() -> argparse.Namespace:
     overhead = parser.add_argument_group("per-layer overhead (a real pipeline run, timed by phase)")
     overhead.add_argument("--per-layer-overhead", action="store_true",
                           help="time each phase of a layer's fit in train.py's own pipeline instead")
-    overhead.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="recipe to run")
     overhead.add_argument("--layers", default="0,1,2", help="comma-separated layers quantized per run")
     overhead.add_argument("--baseline-ref", default=None,
                           help="git ref whose hh_lightning is timed too, alternating with this tree's")
     overhead.add_argument("--rounds", type=int, default=2, help="runs per tree (ABBA order with a baseline)")
     overhead.add_argument("--override", action="append", default=[], help="extra train.py argument (repeatable)")
     overhead.add_argument("--child-timeout", type=float, default=1800.0, help="seconds per pipeline run")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.config is not None and not args.config.is_file():
+        parser.error(f"--config {args.config}: no such file")
+    if args.estimate and (args.config is None or args.per_layer_overhead):
+        parser.error("--estimate extrapolates a recipe's sizes: give it --config RECIPE.yaml "
+                     "(and not --per-layer-overhead)")
+    for name in ("batch", "seq_len", "repeats"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.per_layer_overhead and args.config is None:
+        args.config = REPO / "configs" / "demo.yaml"
+    return args
 
 
-def build_source(name: str, args: argparse.Namespace):
-    """A one-layer random model of the named shape; returns (layer, config, rotary_emb)."""
+def step_recipe(args: argparse.Namespace) -> tuple[BlockQuantConfig, OptimConfig, dict[str, Any]]:
+    """The step's quantization and optimizer settings, and its sizes: ``batch``, ``seq_len``,
+    ``autocast`` (a dtype or ``None``), and for ``--estimate`` the recipe's ``samples``,
+    ``val_samples`` and ``epochs``. Raises ``SystemExit`` with one line on a recipe it cannot read."""
+    import yaml
+
+    if args.config is None:
+        quant, optim, sizes = BlockQuantConfig(**DEFAULT_QUANT), OptimConfig(), {
+            "batch": DEFAULT_BATCH, "seq_len": DEFAULT_SEQ_LEN, "autocast": None}
+    else:
+        try:
+            recipe = yaml.safe_load(args.config.read_text()) or {}
+            if not isinstance(recipe, dict):
+                raise ValueError("not a recipe: a mapping with trainer, model and data sections")
+            model, data, trainer = recipe.get("model", {}), recipe.get("data", {}), recipe.get("trainer", {})
+            quant = BlockQuantConfig.from_dict(model.get("quant", {}))
+            optim = OptimConfig(**model.get("optim", {}))
+            precision = str(trainer.get("precision", "32-true"))
+            if precision not in AUTOCAST_DTYPES:
+                raise ValueError(f"trainer.precision={precision!r} is not one of {sorted(AUTOCAST_DTYPES)}")
+            sizes = {"batch": int(data.get("batch_size", DEFAULT_BATCH)),
+                     "seq_len": int(data.get("seq_len", DEFAULT_SEQ_LEN)),
+                     "autocast": AUTOCAST_DTYPES[precision]}
+            if args.estimate:
+                for section, field in (("data", "n_samples"), ("trainer", "max_epochs")):
+                    if field not in recipe.get(section, {}):
+                        raise ValueError(f"--estimate needs {section}.{field}")
+                sizes.update(samples=int(data["n_samples"]), val_samples=int(data.get("val_samples", 0)),
+                             epochs=int(trainer["max_epochs"]))
+        except (OSError, yaml.YAMLError, TypeError, ValueError, AttributeError) as error:
+            message = " ".join(str(error).split())  # YAML's errors span lines
+            raise SystemExit(f"error: --config {args.config}: {message}") from None
+    sizes["batch"] = args.batch or sizes["batch"]
+    sizes["seq_len"] = args.seq_len or sizes["seq_len"]
+    return quant, optim, sizes
+
+
+def autocast(device: str, dtype: torch.dtype | None):
+    """The forward's precision context: ``dtype`` autocast (Lightning's ``*-mixed``), or none."""
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype, enabled=dtype is not None)
+
+
+def reset_peak_memory(device: str) -> None:
+    """Start a new peak: CUDA's allocator statistics, or on the CPU the process's peak RSS (Linux's
+    ``clear_refs``), after a garbage collection so that freed phases do not linger."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_gib(device: str) -> float:
+    """The peak since ``reset_peak_memory``: CUDA's allocated bytes, or the CPU process's RSS."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) / 2**20
+
+
+def whole_model_estimate(sizes: dict[str, Any], layers: int, step_s: float, init_s: float,
+                         forward_s: float, fold_s: float) -> dict[str, float]:
+    """One layer's calibration time at the recipe's sizes, and the whole model's (module docstring)."""
+    batches = math.ceil(sizes["samples"] / sizes["batch"])
+    val_batches = math.ceil(sizes["val_samples"] / sizes["batch"])
+    steps = sizes["epochs"] * batches
+    setup_s = init_s + fold_s + forward_s * (2 * batches + (sizes["epochs"] + 1) * val_batches)
+    layer_s = steps * step_s + setup_s
+    return {"steps per layer": steps, "setup s per layer (est.)": setup_s, "layer s (est.)": layer_s,
+            "whole model h (est.)": layers * layer_s / 3600}
+
+
+def forward_and_fold_times(module: HHBlockModule, x: torch.Tensor, dtype: torch.dtype | None,
+                           args: argparse.Namespace) -> tuple[float, float, float]:
+    """The median no-gradient forward of the wrapped block on ``x`` (under ``dtype`` autocast), the
+    time of folding it (GPTQ from ``x``'s statistics where the recipe rounds with it), and the
+    peak memory of the fold (statistics included)."""
+    @torch.no_grad()
+    def forward() -> torch.Tensor:
+        with autocast(args.device, dtype):
+            return module(x)
+
+    forward_s = median_time(synchronized(forward, args.device), repeats=args.repeats, warmup=1)
+    block = module.block
+    reset_peak_memory(args.device)
+    statistics = block.collect_statistics(x) if block.quant.w_rounding == "gptq" else None
+    start = time.perf_counter()
+    synchronized(lambda: block.fold_(statistics), args.device)()
+    return forward_s, time.perf_counter() - start, peak_memory_gib(args.device)
+
+
+def shape_config(name: str, args: argparse.Namespace):
+    """The one-layer transformers config of the named shape."""
     config_class, sizes = SHAPES[name]
     config = config_class(**sizes, num_hidden_layers=1, vocab_size=args.vocab_size,
                           max_position_embeddings=max(args.seq_len, 2048), tie_word_embeddings=True)
     config._attn_implementation = args.attn_implementation
+    return config
+
+
+def build_source(name: str, args: argparse.Namespace):
+    """A one-layer random model of the named shape; returns (layer, config, rotary_emb)."""
+    config = shape_config(name, args)
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config).float()
     with torch.no_grad():  # non-trivial norms and biases, as in tests/tiny_models.py
@@ -142,8 +303,9 @@ def build_source(name: str, args: argparse.Namespace):
     return model.model.layers[0], config, model.model.rotary_emb
 
 
-def fp_step_fn(layer, config, rotary_emb, x, y, optim: OptimConfig):
-    """Plain fp32 step of the transformers layer, every parameter trained."""
+def fp_step_fn(layer, config, rotary_emb, x, y, optim: OptimConfig, dtype: torch.dtype | None = None):
+    """Plain step of the transformers layer, every parameter trained; its forward under ``dtype``
+    autocast when given (fp32 weights and optimizer either way)."""
     layer.train()
     for parameter in layer.parameters():
         parameter.requires_grad_(True)
@@ -155,9 +317,10 @@ def fp_step_fn(layer, config, rotary_emb, x, y, optim: OptimConfig):
         position_embeddings = rotary_emb(x, position_ids)
         mask = create_causal_mask(config=config, inputs_embeds=x, attention_mask=None,
                                   past_key_values=None, position_ids=position_ids)
-        out = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
-        out = out[0] if isinstance(out, tuple) else out
-        loss = F.mse_loss(out.float(), y.float())
+        with autocast(x.device.type, dtype):
+            out = layer(x, attention_mask=mask, position_ids=position_ids, position_embeddings=position_embeddings)
+            out = out[0] if isinstance(out, tuple) else out
+            loss = F.mse_loss(out.float(), y.float())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -177,8 +340,9 @@ def wrapped_module(layer, config, rotary_emb, x, quant: BlockQuantConfig, optim:
     return module, time.perf_counter() - start
 
 
-def wrapped_step_fn(module: HHBlockModule, x, y, total_steps: int):
-    """One calibration step the way Lightning's automatic optimization runs it (no Trainer)."""
+def wrapped_step_fn(module: HHBlockModule, x, y, total_steps: int, dtype: torch.dtype | None = None):
+    """One calibration step the way Lightning's automatic optimization runs it (no Trainer): the
+    training step under ``dtype`` autocast when given, as Lightning's ``*-mixed`` precision does."""
     groups = module.block.parameter_groups()
     optim = module.optim
     optimizer = torch.optim.AdamW(
@@ -190,7 +354,8 @@ def wrapped_step_fn(module: HHBlockModule, x, y, total_steps: int):
     counter = [0]
 
     def step():
-        loss = module.training_step((x, y), counter[0])
+        with autocast(x.device.type, dtype):
+            loss = module.training_step((x, y), counter[0])
         loss.backward()
         optimizer.step()
         schedule.step()
@@ -287,7 +452,7 @@ def extract_tree(ref: str, directory: Path) -> Path:
 
 def phase_run(tree: Path, args: argparse.Namespace, run_dir: Path) -> dict:
     """One ``_layer_phases.py`` run of ``tree``'s pipeline (a fresh process); its JSON result."""
-    command = [sys.executable, str(REPO / "benchmarks" / "_layer_phases.py"), "--config", args.config,
+    command = [sys.executable, str(REPO / "benchmarks" / "_layer_phases.py"), "--config", str(args.config),
                "--run-dir", str(run_dir), "--layers", args.layers, "--threads", str(args.threads)]
     command += [f"--override={value}" for value in args.override]
     env = {**os.environ, "PYTHONPATH": str(tree)}
@@ -357,10 +522,15 @@ def main() -> None:
     args.json = args.json or DEFAULT_JSON
     warnings.filterwarnings("ignore", message=".*self.log.*")
     warnings.filterwarnings("ignore", message=".*trainer.*")
-    # The setting the README's table measured: 64 PCA-initialized plain Householder reflections.
-    quant = BlockQuantConfig(rotation_structure="householder", qkv_reflections=64, upgate_reflections=64,
-                             down_reflections=64)
-    optim = OptimConfig()
+    quant, optim, sizes = step_recipe(args)
+    args.batch, args.seq_len = sizes["batch"], sizes["seq_len"]
+    dtype = sizes["autocast"]
+    for name in args.models:  # a setting the shape cannot take: one line before any block is built
+        try:
+            quant.validate(shape_config(name, args))
+            optim.validate()
+        except ValueError as error:
+            raise SystemExit(f"error: --config {args.config} on {name}: {error}") from None
     tokens = args.batch * args.seq_len
     rows, results = [], {}
     for name in args.models:
@@ -378,8 +548,9 @@ def main() -> None:
 
         module, init_s = wrapped_module(layer, config, rotary_emb, x, quant, optim)
         total_steps = args.warmup + args.repeats
-        wrapped = synchronized(wrapped_step_fn(module, x, y, total_steps * 3 + args.profile_steps), args.device)
-        fp = synchronized(fp_step_fn(layer, config, rotary_emb, x, y, optim), args.device)
+        wrapped = synchronized(wrapped_step_fn(module, x, y, total_steps * 3 + args.profile_steps, dtype),
+                               args.device)
+        fp = synchronized(fp_step_fn(layer, config, rotary_emb, x, y, optim, dtype), args.device)
         # Alternate fp / wrapped / fp so both see the same background load; fp is the mean of two medians.
         fp_a = median_time(fp, repeats=args.repeats, warmup=args.warmup)
         wrapped_s = median_time(wrapped, repeats=args.repeats, warmup=args.warmup)
@@ -396,7 +567,6 @@ def main() -> None:
             row["wrapped, quantizers off s"] = noquant_s
             row["fake-quant share"] = (wrapped_s - noquant_s) / wrapped_s
         row["init s (PCA + clip search)"] = init_s
-        rows.append(row)
         profile = None
         if args.profile_steps > 0:  # the same initialized module, a few more steps
             saved = install_ranges()
@@ -404,13 +574,26 @@ def main() -> None:
                 profile = profile_summary(wrapped, args.profile_steps, args.device, args.profile_top)
             finally:
                 uninstall_ranges(saved)
+        # The calibration step's memory as the pipeline holds it: the FP layer, the block and its
+        # optimizer, without the plain step's gradients and AdamW state.
+        del fp
+        layer.zero_grad(set_to_none=True)
+        reset_peak_memory(args.device)
+        wrapped()
+        row["step peak GiB"] = peak_memory_gib(args.device)
+        if args.estimate:  # last: the fold replaces the block's linears
+            forward_s, fold_s, row["fold peak GiB"] = forward_and_fold_times(module, x, dtype, args)
+            row.update({"forward s": forward_s, "fold s": fold_s,
+                        **whole_model_estimate(sizes, MODEL_LAYERS[name], wrapped_s, init_s, forward_s, fold_s)})
+        rows.append(row)
         results[name] = {"row": row, "profile": profile, "fp_step_s_runs": [fp_a, fp_b],
                          "trainable_params_wrapped": sum(p.numel() for p in module.block.parameters()
                                                          if p.requires_grad),
                          "trainable_params_fp": sum(p.numel() for p in layer.parameters())}
-        del layer
-    print(f"\nCalibration step, batch {args.batch} × seq {args.seq_len}, fp32, device {args.device}, "
-          f"threads {args.threads} (median of {args.repeats})\n")
+        del layer, module, x, y, wrapped
+    precision = "fp32" if dtype is None else f"{str(dtype).removeprefix('torch.')} autocast"
+    print(f"\nCalibration step, batch {args.batch} × seq {args.seq_len}, {precision}, device {args.device}, "
+          f"threads {args.threads} (median of {args.repeats}), recipe {args.config or 'README table setting'}\n")
     print_markdown_table(rows)
     for name in args.models:
         summary = results[name]["profile"]
@@ -426,7 +609,9 @@ def main() -> None:
         print()
         print_markdown_table(summary["top_ops"])
 
-    write_json_atomic(args.json, {"args": vars(args), "quant": quant.to_dict(), "machine": machine_info(),
+    write_json_atomic(args.json, {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                                  "quant": quant.to_dict(), "optim": asdict(optim), "sizes": {
+                                      **sizes, "autocast": precision}, "machine": machine_info(),
                                   "rows": rows, "details": results})
     print(f"\nwrote {args.json}")
 
