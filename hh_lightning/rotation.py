@@ -485,8 +485,7 @@ class HouseholderRotation(Rotation):
         key = (self.vectors._version, self.vectors.data_ptr(), device, dtype)
         cached = getattr(self, "_frozen_cache", None)
         if cached is None or cached[0] != key:
-            with autocast_off(device):
-                cached = (key, self._frozen_factors(device, dtype))
+            cached = (key, self._frozen_factors(device, dtype))
             self._frozen_cache = cached
         return cached[1]
 
@@ -496,9 +495,10 @@ class HouseholderRotation(Rotation):
         if self.num_reflections >= self.dense_apply_ratio * self.dim:
             value: tuple[torch.Tensor, ...] = (householder_matrix(vectors),)
         else:
-            factor = _triangular_factor(vectors)
-            value = (vectors.T.contiguous(), torch.linalg.solve_triangular(factor.T, vectors, upper=False),
-                     torch.linalg.solve_triangular(factor, vectors, upper=True))
+            with autocast_off(vectors.device):
+                factor = _triangular_factor(vectors)
+                value = (vectors.T.contiguous(), torch.linalg.solve_triangular(factor.T, vectors, upper=False),
+                         torch.linalg.solve_triangular(factor, vectors, upper=True))
         return tuple(t.to(device=device, dtype=dtype) for t in value)
 
     def build_inference_cache_(self, dtype: torch.dtype = torch.float32) -> "HouseholderRotation":
