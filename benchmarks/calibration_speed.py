@@ -61,7 +61,8 @@ machine compare ratios, not absolute times.
 
 Run: ``python benchmarks/calibration_speed.py [--batch 4] [--seq-len 256] [--threads 2]
 [--models smollm2-135m qwen2.5-0.5b qwen2.5-7b] [--device cpu|cuda] [--config RECIPE.yaml
-[--estimate]]``
+[--estimate]] [--compile default|reduce-overhead|...]`` (``--compile`` sets ``model.optim.compile``: the
+wrapped step through ``torch.compile``)
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ import sys
 import tempfile
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,7 @@ from transformers.masking_utils import create_causal_mask  # noqa: E402
 
 from hh_lightning.block import BlockQuantConfig  # noqa: E402
 from hh_lightning.linear import HHLinear  # noqa: E402
-from hh_lightning.module import HHBlockModule, OptimConfig, cosine_factor  # noqa: E402
+from hh_lightning.module import COMPILE_MODES, HHBlockModule, OptimConfig, cosine_factor  # noqa: E402
 from hh_lightning.quantizers import (  # noqa: E402
     ActivationQuantizer,
     WeightQuantizer,
@@ -146,6 +147,8 @@ def parse_args() -> argparse.Namespace:
                         help="recipe YAML: the step's model.quant/optim, trainer.precision and data sizes "
                              "(default: the README table's 64-reflection fp32 setting); with "
                              "--per-layer-overhead, the recipe train.py runs (default configs/demo.yaml)")
+    parser.add_argument("--compile", default=None, choices=COMPILE_MODES,
+                        help="model.optim.compile for the wrapped step (default: --config's, else none)")
     parser.add_argument("--estimate", action="store_true",
                         help="also time a forward and the GPTQ fold, and extrapolate the whole model's "
                              "calibration at --config's sizes")
@@ -221,6 +224,8 @@ def step_recipe(args: argparse.Namespace) -> tuple[BlockQuantConfig, OptimConfig
             raise SystemExit(f"error: --config {args.config}: {message}") from None
     sizes["batch"] = args.batch or sizes["batch"]
     sizes["seq_len"] = args.seq_len or sizes["seq_len"]
+    if args.compile is not None:
+        optim = replace(optim, compile=args.compile)
     return quant, optim, sizes
 
 
