@@ -128,6 +128,9 @@ class BlockQuantConfig:
             through the inverse Hessian of the linear's calibration inputs;
             ``gptq.py``). The grid and the packed format are the same.
         gptq_damp: ``gptq``'s damping, a fraction of the Hessian's mean diagonal (>= 0).
+        gptq_act_order: ``gptq`` rounds the input channels in decreasing order of their
+            Hessian diagonal (GPTQ's act-order) instead of in index order; each keeps its own
+            group's grid, so the packed format is the same.
         w_search: the ``search`` weight init's grid (``quantizers.ClipSearch``).
         w_hqq: the ``hqq`` weight init's solver settings (``hqq.HQQSettings``).
         dense_apply_ratio: at inference, a Householder product with ``k ≥ ratio·d``
@@ -170,6 +173,7 @@ class BlockQuantConfig:
     seed_layer_stride: int = 1000
     w_rounding: WeightRounding = "nearest"
     gptq_damp: float = 0.01
+    gptq_act_order: bool = False
     w_search: ClipSearch = field(default_factory=ClipSearch)
     w_hqq: HQQSettings = field(default_factory=HQQSettings)
     dense_apply_ratio: float = 0.5
@@ -626,7 +630,8 @@ class HHDecoderBlock(nn.Module):
             grids = [linear.weight_quantizer.quantize(weight) for linear, weight in zip(linears, weights)]
             stacked = gptq_codes(torch.cat(weights), linears[0].transformed_hessian(statistics[entry][0]),
                                  torch.cat([grid[1] for grid in grids]), torch.cat([grid[2] for grid in grids]),
-                                 linears[0].weight_quantizer.bits, damp=self.quant.gptq_damp)
+                                 linears[0].weight_quantizer.bits, damp=self.quant.gptq_damp,
+                                 act_order=self.quant.gptq_act_order)
             for name, part in zip(names, stacked.split([weight.shape[0] for weight in weights])):
                 codes[name] = part.clone()
         return codes, transformed

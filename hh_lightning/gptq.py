@@ -13,6 +13,11 @@ beforehand, by the learned clip ratios, the clip search or HQQ, so GPTQ
 changes only which code each weight takes and the packed format is
 unchanged. With ``H = I`` no error moves and the result is exactly
 round-to-nearest on that grid.
+
+Act-order (GPTQ's ``desc_act``) rounds the columns in decreasing order of
+``H_ii``, so the inputs with the most energy are rounded first, while the most
+columns remain to absorb their error. Each column keeps its own group's grid
+(GPTQ's static groups), so the codes still pack into the same format.
 """
 
 from __future__ import annotations
@@ -65,14 +70,15 @@ def damped_inverse_cholesky(hessian: torch.Tensor, damp: float) -> tuple[torch.T
 
 @torch.no_grad()
 def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-               damp: float = 0.01, block_size: int = 128) -> torch.Tensor:
+               damp: float = 0.01, block_size: int = 128, act_order: bool = False) -> torch.Tensor:
     """uint8 codes ``(out, in)`` of ``weight`` on the fixed grid ``(scale, zero)``, GPTQ-rounded.
 
     ``weight``: ``(out, in)``; ``hessian``: ``(in, in)``, ``XᵀX`` of the inputs the
     weight multiplies (rows ``x``, ``y = x Wᵀ``); ``scale``, ``zero``: ``(out, groups)``
     with groups of ``in / groups`` consecutive input channels. ``damp``: the
-    fraction of the mean diagonal added to ``H`` (GPTQ's 1%). Columns are
-    processed in blocks of ``block_size`` (a speed setting, not a result one).
+    fraction of the mean diagonal added to ``H`` (GPTQ's 1%). ``act_order``: round
+    the columns in decreasing ``H_ii`` (module docstring). Columns are processed in
+    blocks of ``block_size`` (a speed setting, not a result one).
     """
     out_features, in_features = weight.shape
     if hessian.shape != (in_features, in_features):
@@ -80,6 +86,14 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
     if not damp >= 0:
         raise ValueError(f"damp={damp} must be >= 0")
     group = in_features // scale.shape[1]
+    # The order the columns are rounded in, and the group (grid) of each in that order.
+    order = (torch.argsort(torch.diagonal(hessian), descending=True, stable=True) if act_order
+             else torch.arange(in_features, device=weight.device))
+    if act_order:
+        weight, hessian = weight[:, order], hessian[order][:, order]
+    group_of = (order // group).tolist()
+    # A block shares one grid: it ends at block_size columns or where the next column's group differs.
+    run_ends = [i for i in range(1, in_features) if group_of[i] != group_of[i - 1]] + [in_features]
     upper, dead = damped_inverse_cholesky(hessian, damp)
     # Row i over U_ii: an error e = w_i − q_i (not yet divided) then moves onto column j as e · U_ij / U_ii.
     steps = upper / upper.diagonal()[:, None]
@@ -90,15 +104,17 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
     scale_rows, zero_rows = scale.double().T.contiguous(), zero.double().T.contiguous()
     levels = 2**bits - 1
     codes = torch.empty_like(work)
-    errors = torch.empty(min(block_size, group), out_features, dtype=work.dtype, device=work.device)
+    errors = torch.empty(min(block_size, in_features), out_features, dtype=work.dtype, device=work.device)
     work_rows, code_rows, step_rows = work.unbind(0), codes.unbind(0), steps.unbind(0)
     # Blocks never straddle a group, so the columns of one share a grid and run in code units,
     # w / scale + zero (quantize_codes' arithmetic): a code is then one rounding, and an error moves
     # between columns of the block unscaled. Leaving the block, errors go back to weight units.
-    start = 0
+    start, run = 0, 0
     while start < in_features:
-        end = min(start + block_size, (start // group + 1) * group)
-        g_scale, g_zero = scale_rows[start // group], zero_rows[start // group]
+        while run_ends[run] <= start:
+            run += 1
+        end = min(start + block_size, run_ends[run])
+        g_scale, g_zero = scale_rows[group_of[start]], zero_rows[group_of[start]]
         work[start:end].div_(g_scale).add_(g_zero)
         for column in range(start, end):
             value, code, error = work_rows[column], code_rows[column], errors[column - start]
@@ -109,4 +125,6 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
         if end < in_features:  # and for the columns after it, as one product, in weight units
             work[end:].addmm_(steps[start:end, end:].T, errors[:end - start].mul_(g_scale), alpha=-1)
         start = end
+    if act_order:  # back to the input channels' own order
+        codes = codes[torch.argsort(order)]
     return codes.to(torch.uint8).T.contiguous()

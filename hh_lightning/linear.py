@@ -164,11 +164,12 @@ class HHLinear(nn.Module):
 
     @torch.no_grad()
     def fold(self, hessian: torch.Tensor | None = None, damp: float = 0.01,
-             codes: torch.Tensor | None = None, transformed_weight: torch.Tensor | None = None) -> "FoldedLinear":
+             codes: torch.Tensor | None = None, transformed_weight: torch.Tensor | None = None,
+             act_order: bool = False) -> "FoldedLinear":
         """The deployable form: ``W̃`` quantized once to codes, the transform kept online.
 
         ``hessian``: ``X̃ᵀX̃`` of the transformed inputs (``transformed_hessian``); given, the
-        codes are GPTQ-rounded on the same grid (``gptq.gptq_codes`` with ``damp``), else rounded
+        codes are GPTQ-rounded on the same grid (``gptq.gptq_codes`` with ``damp`` and ``act_order``), else rounded
         to nearest. ``codes``: uint8 ``(out, in)`` already chosen on this grid (``HHDecoderBlock``
         GPTQ-rounds the linears that share an input together); they replace the rounding.
         ``transformed_weight``: ``W̃`` (``transformed_weight()``) where the caller computed it already.
@@ -181,7 +182,8 @@ class HHLinear(nn.Module):
         nearest, scale, zero = self.weight_quantizer.quantize(weight)
         if codes is None:
             codes = nearest if hessian is None else gptq_codes(weight, hessian, scale, zero,
-                                                               self.weight_quantizer.bits, damp=damp)
+                                                               self.weight_quantizer.bits, damp=damp,
+                                                               act_order=act_order)
         elif codes.shape != nearest.shape:
             raise ValueError(f"codes shape {tuple(codes.shape)} != weight shape {tuple(nearest.shape)}")
         return FoldedLinear(self.transform, bias=bias, codes=codes, scale=scale, zero=zero,

@@ -87,12 +87,13 @@ def test_fold_equals_fake_quant_block(o_rotation, structure) -> None:
         assert torch.allclose(folded(hidden), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])
-def test_gptq_fold_lowers_the_block_error_of_nearest_rounding(model_type) -> None:
+def test_gptq_fold_lowers_the_block_error_of_nearest_rounding(model_type, act_order) -> None:
     """quant.w_rounding='gptq': same grid, codes chosen against each linear's input Hessian."""
     model = tiny_model(model_type)
     quant = BlockQuantConfig(w_bits=3, a_bits=16, qkv_reflections=8, upgate_reflections=8, down_reflections=8,
-                             w_group_size=16, w_symmetric=False, w_rounding="gptq")
+                             w_group_size=16, w_symmetric=False, w_rounding="gptq", gptq_act_order=act_order)
     block = HHDecoderBlock(model.model.layers[0], model.config, model.model.rotary_emb, quant, 0)
     mixing = torch.eye(64) + torch.randn(64, 64, generator=torch.Generator().manual_seed(5)) / 4
     hidden = torch.randn(4, 32, 64, generator=torch.Generator().manual_seed(4)) @ mixing  # correlated inputs
@@ -119,7 +120,8 @@ def test_gptq_fold_lowers_the_block_error_of_nearest_rounding(model_type) -> Non
     from hh_lightning.block import LINEAR_INPUTS
     for name in LINEAR_INPUTS:
         linear = block.linears[name]
-        alone = linear.fold(hessian=linear.transformed_hessian(statistics[LINEAR_INPUTS[name]][0]))
+        alone = linear.fold(hessian=linear.transformed_hessian(statistics[LINEAR_INPUTS[name]][0]),
+                            act_order=act_order)
         assert torch.equal(gptq.linears[name].codes, alone.codes), name
 
 

@@ -1,4 +1,4 @@
-"""gptq.py: error-compensating rounding on a fixed grid beats round-to-nearest on correlated inputs."""
+"""gptq.py: error-compensating rounding on a fixed grid (and act-order) beats round-to-nearest on correlated inputs."""
 
 from __future__ import annotations
 
@@ -24,11 +24,12 @@ def _grid(weight, bits, group_size, symmetric):
     return codes, scale, zero
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("bits,group_size,symmetric", [(4, None, True), (4, 16, False), (3, 32, False)])
-def test_gptq_beats_round_to_nearest_on_the_output(bits, group_size, symmetric) -> None:
+def test_gptq_beats_round_to_nearest_on_the_output(bits, group_size, symmetric, act_order) -> None:
     weight, inputs = _layer()
     rtn_codes, scale, zero = _grid(weight, bits, group_size, symmetric)
-    codes = gptq_codes(weight, inputs.T @ inputs, scale, zero, bits)
+    codes = gptq_codes(weight, inputs.T @ inputs, scale, zero, bits, act_order=act_order)
     expand = weight.shape[1] // scale.shape[1]
 
     def output_error(c):
@@ -39,13 +40,17 @@ def test_gptq_beats_round_to_nearest_on_the_output(bits, group_size, symmetric) 
     assert codes.max() <= 2**bits - 1  # the same grid: the packed format is unchanged
 
 
+@pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("block_size", [1, 7, 128])
-def test_an_identity_hessian_gives_round_to_nearest_exactly(block_size) -> None:
+def test_a_diagonal_hessian_gives_round_to_nearest_exactly(block_size, act_order) -> None:
+    """No off-diagonal term, no error moves: the identity, and an unequal diagonal (which act-order sorts)."""
     weight, _ = _layer(seed=1)
     rtn_codes, scale, zero = _grid(weight, 4, 16, False)
-    for damp in (0.0, 0.01):
-        assert torch.equal(gptq_codes(weight, torch.eye(64), scale, zero, 4, damp=damp, block_size=block_size),
-                           rtn_codes)
+    unequal = torch.diag(torch.rand(64, generator=torch.Generator().manual_seed(5)) + 0.1)
+    for hessian in (torch.eye(64), unequal):
+        for damp in (0.0, 0.01):
+            assert torch.equal(gptq_codes(weight, hessian, scale, zero, 4, damp=damp, block_size=block_size,
+                                          act_order=act_order), rtn_codes)
 
 
 def test_block_size_does_not_change_the_codes_and_dead_inputs_are_handled() -> None:
@@ -89,6 +94,25 @@ def test_codes_equal_the_column_by_column_definition_and_rows_are_independent(bi
     top = gptq_codes(weight[:25], hessian, scale[:25], zero[:25], bits, block_size=32)
     bottom = gptq_codes(weight[25:], hessian, scale[25:], zero[25:], bits, block_size=32)
     assert torch.equal(torch.cat([top, bottom]), codes)
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, None, True), (3, 16, False)])
+def test_act_order_is_gptq_on_the_columns_sorted_by_their_hessian_diagonal(bits, group_size, symmetric) -> None:
+    """Act-order's codes are the definition's on the permuted problem, each column with its own group's grid."""
+    weight, inputs = _layer(out_features=40, in_features=96, seed=4)
+    inputs = inputs * torch.linspace(0.2, 3.0, 96)  # unequal channel energies, so the order is not the index's
+    inputs[:, 11] = 0.0
+    _, scale, zero = _grid(weight, bits, group_size, symmetric)
+    hessian = inputs.T @ inputs
+    codes = gptq_codes(weight, hessian, scale, zero, bits, block_size=32, act_order=True)
+    order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
+    expand = weight.shape[1] // scale.shape[1]
+    reference = _reference_gptq(weight[:, order], hessian[order][:, order],
+                                scale.repeat_interleave(expand, 1)[:, order],
+                                zero.repeat_interleave(expand, 1)[:, order], bits)
+    permuted = codes[:, order]
+    assert (permuted.int() - reference.int()).abs().max() <= 1 and (permuted != reference).float().mean() < 1e-3
+    assert not torch.equal(codes, gptq_codes(weight, hessian, scale, zero, bits, block_size=32))
 
 
 @pytest.mark.parametrize("dead_channels", [0, 3])
