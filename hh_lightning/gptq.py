@@ -87,10 +87,11 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"damp={damp} must be >= 0")
     group = in_features // scale.shape[1]
     # The order the columns are rounded in, and the group (grid) of each in that order.
-    order = (torch.argsort(torch.diagonal(hessian), descending=True, stable=True) if act_order
-             else torch.arange(in_features, device=weight.device))
     if act_order:
+        order = torch.argsort(torch.diagonal(hessian), descending=True, stable=True)
         weight, hessian = weight[:, order], hessian[order][:, order]
+    else:
+        order = torch.arange(in_features, device=weight.device)
     group_of = (order // group).tolist()
     # A block shares one grid: it ends at block_size columns or where the next column's group differs.
     run_ends = [i for i in range(1, in_features) if group_of[i] != group_of[i - 1]] + [in_features]
