@@ -130,10 +130,13 @@ def test_greedy_generate_is_deterministic_and_matches_generate(models, capsys, k
     assert first == tokenizer.decode(expected[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
 
 
-def test_sampled_generate_repeats_with_its_seed(models, capsys) -> None:
+def test_sampled_generate_repeats_with_its_seed_and_changes_with_another(models, capsys) -> None:
     runs = [_generate(models["quantized"], capsys, "--sample", "true", "--seed", str(seed), "--max_new_tokens", "12")
             for seed in (1, 1, 2)]
-    assert runs[0] == runs[1]
+    greedy = _generate(models["quantized"], capsys, "--max_new_tokens", "12")
+    # A generate that ignored --sample would print the greedy text for every seed.
+    assert runs[0] == runs[1] and runs[0].strip()
+    assert runs[2] != runs[0] and greedy not in (runs[0], runs[2])
 
 
 def test_chat_uses_the_tokenizer_template(models, tmp_path, capsys) -> None:
