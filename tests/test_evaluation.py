@@ -33,7 +33,19 @@ def test_perplexity_matches_model_loss(model, batch_size):
     assert result.n_tokens == 2 * (SEQ_LEN - 1)  # the 7-token tail is dropped
     assert result.nll_mean == pytest.approx(expected_nll, rel=1e-5)
     assert result.ppl == pytest.approx(math.exp(expected_nll), rel=1e-5)
-    assert model.training is False
+
+
+def test_perplexity_scores_in_eval_mode_and_restores_training_mode():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB_SIZE, attention_dropout=0.5, **TINY_SIZES)).train()
+    token_ids = torch.randint(0, VOCAB_SIZE, (2 * SEQ_LEN,), generator=torch.Generator().manual_seed(3))
+    # With dropout active two scores would differ; in eval mode they are equal and match eval-mode loss.
+    first, second = (perplexity(model, token_ids, seq_len=SEQ_LEN, progress=False) for _ in range(2))
+    assert model.training is True
+    with torch.no_grad():
+        expected_nll = torch.stack([model.eval()(w[None], labels=w[None]).loss
+                                    for w in token_ids.view(2, SEQ_LEN)]).double().mean().item()
+    assert first.nll_mean == second.nll_mean == pytest.approx(expected_nll, rel=1e-5)
 
 
 def test_perplexity_max_windows_and_short_text(model):

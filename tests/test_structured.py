@@ -121,11 +121,12 @@ def test_rounding_rescales_far_off_vectors_exactly_instead_of_flushing_them(scal
     assert (rotation.matrix() - before).abs().max() < 40 * 2.0**-11
 
 
-def test_balanced_factors() -> None:
-    expected = {576: (24, 24), 896: (28, 32), 1536: (32, 48), 4864: (64, 76), 8960: (80, 112),
-                18944: (128, 148), 3584: (56, 64), 64: (8, 8), 97: (1, 97)}
-    for dim, factors in expected.items():
-        assert balanced_factors(dim) == factors
+@pytest.mark.parametrize("dim", [1, 64, 97, 576, 896, 1536, 3584, 4864, 8960, 18944, 2 * 3 * 5 * 7 * 11])
+def test_balanced_factors_are_the_divisor_pair_closest_to_the_square_root(dim: int) -> None:
+    a, b = balanced_factors(dim)
+    assert a * b == dim and 1 <= a <= b
+    # No divisor lies strictly between a and √dim, so no pair is more balanced (cheaper to apply).
+    assert not [c for c in range(a + 1, math.isqrt(dim) + 1) if dim % c == 0]
 
 
 @pytest.mark.parametrize("sizes", [(7,), (4, 5), (3, 4, 5)])

@@ -140,8 +140,8 @@ def test_refusals() -> None:
         quantize_weights_hqq(tiny_model("qwen2"), group_size=24)
 
 
-def test_default_w4_g64_weights_take_under_0p3_of_fp16(tmp_path) -> None:
+def test_default_w4_g64_linears_take_packed_codes_plus_a_scale_and_zero_per_group(tmp_path) -> None:
     model = quantize_weights_hqq(tiny_model("llama", hidden_size=128, intermediate_size=256))
     sizes = export_size(save_quantized(model, tmp_path / "w4"))["linears"]
-    # Packed codes are 1/4 of fp16; an fp16 scale + zero per 64 weights add 1/32.
+    # Packed codes are 1/4 of fp16; an fp16 scale + zero per 64 weights add 1/32; nothing else is stored.
     assert sizes["by_bits"][4]["ratio"] == pytest.approx(1 / 4 + 1 / 32)
