@@ -19,7 +19,7 @@ import logging
 import shutil
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -110,6 +110,55 @@ class PipelineConfig:
     export: bool = True
     export_dir: str | None = None
     keep_checkpoints: bool = False
+
+
+class LayerProgress:
+    """A text bar over a run's layers with an ETA, logged after each layer.
+
+    The line goes through the logger (the terminal) and is appended to ``log_path`` (the run's own
+    log), so a long run can be followed from either. A layer's time runs from the previous update,
+    so work between layers (the next layer's quantized inputs) counts. The ETA averages only the
+    layers trained in this process: a skipped layer (artifact present) takes no time and would make
+    it optimistic.
+    """
+
+    def __init__(self, total: int, log_path: Path | None = None, width: int = 20,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.total, self.log_path, self.width, self.clock = total, log_path, width, clock
+        self.done = 0
+        self.trained_seconds: list[float] = []
+        self.last = clock()
+
+    def update(self, layer_index: int, trained: bool) -> str:
+        now = self.clock()
+        seconds, self.last = now - self.last, now
+        self.done += 1
+        if trained:
+            self.trained_seconds.append(seconds)
+        filled = round(self.width * self.done / self.total)
+        bar = "#" * filled + "." * (self.width - filled)
+        line = f"layers [{bar}] {self.done}/{self.total} (layer {layer_index} done)"
+        if self.trained_seconds:
+            per_layer = sum(self.trained_seconds) / len(self.trained_seconds)
+            line += f", {per_layer:.1f} s/layer, ETA {format_duration(per_layer * (self.total - self.done))}"
+        else:
+            line += ", ETA unknown (no layer trained yet)"
+        log.info(line)
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "a", encoding="utf-8") as file:
+                file.write(time.strftime("%Y-%m-%dT%H:%M:%S ") + line + "\n")
+        return line
+
+
+def format_duration(seconds: float) -> str:
+    """``75`` -> ``1 min 15 s``; ``4000`` -> ``1 h 6 min``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
 
 
 @contextlib.contextmanager
@@ -313,12 +362,12 @@ class QuantizationRun:
             log.warning("%s; layer %d is trained again", error, layer_index)
             return False
 
-    def train_layer(self, layer_index: int, worker: WorkerInfo, input_path: Path | None = None) -> None:
-        """Train, fold and export one layer (resuming it if a checkpoint exists)."""
+    def train_layer(self, layer_index: int, worker: WorkerInfo, input_path: Path | None = None) -> bool:
+        """Train, fold and export one layer (resuming it if a checkpoint exists); False if it was already done."""
         if self.layer_done(layer_index):
             log.info("layer %d: artifact present, skipped", layer_index)
             self._drop_checkpoints(layer_index)
-            return
+            return False
         model = self.datamodule.fp_model
         L.seed_everything(self.datamodule.hparams.seed + layer_index, verbose=False)
         module = self.recipe.module(layer_index)
@@ -349,6 +398,10 @@ class QuantizationRun:
                  "%.0f MiB", layer_index, meta["mse_init"], meta["mse_final"], meta["steps"],
                  meta.get("kept", "trained"), time.perf_counter() - started,
                  psutil.Process().memory_info().rss / 2**20)
+        return True
+
+    def _progress(self, total: int) -> LayerProgress:
+        return LayerProgress(total, self.run_dir / "logs" / "progress.log")
 
     def _drop_checkpoints(self, layer_index: int) -> None:
         """Delete a finished layer's checkpoints unless ``pipeline.keep_checkpoints``: its artifact replaces them."""
@@ -357,9 +410,10 @@ class QuantizationRun:
             shutil.rmtree(directory)
 
     def train_layers(self, layer_indices: list[int], worker: WorkerInfo) -> None:
+        progress = self._progress(len(layer_indices))
         with _long_lived_objects_frozen():
             for layer_index in layer_indices:
-                self.train_layer(layer_index, worker)
+                progress.update(layer_index, self.train_layer(layer_index, worker))
 
     def train_sequential_quantized(self, worker: WorkerInfo) -> None:
         """``quantized`` input mode: layer ``i`` reads the outputs of folded layers ``< i``."""
@@ -369,9 +423,11 @@ class QuantizationRun:
     def _train_sequential_quantized(self, worker: WorkerInfo) -> None:
         manifest = self.datamodule.manifest
         input_path: Path | None = None
+        progress = self._progress(len(self.layers))
         for position, layer_index in enumerate(self.layers):
-            self.train_layer(layer_index, worker, input_path)
+            trained = self.train_layer(layer_index, worker, input_path)
             if position == len(self.layers) - 1:
+                progress.update(layer_index, trained)
                 break  # the last layer's quantized output feeds no layer
             block = self._folded_block(layer_index).to(worker.device)
             next_path = self.run_dir / "quantized_inputs" / f"boundary_{layer_index + 1:03d}.bin"
@@ -383,6 +439,7 @@ class QuantizationRun:
                 # Every rerun recomputes these inputs from the artifacts, so only the newest is needed.
                 input_path.unlink(missing_ok=True)
             input_path = next_path
+            progress.update(layer_index, trained)
 
     def _run_block(self, block: HHDecoderBlock, source: Path, device: torch.device):
         """``block``'s outputs on the samples of boundary file ``source``, a training batch at a time
