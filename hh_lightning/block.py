@@ -35,6 +35,7 @@ from transformers.models.qwen2 import modeling_qwen2
 
 from .gptq import gptq_codes
 from .hqq import HQQSettings
+from .kv_cache import packed_layer
 from .linear import FoldedLinear, HHLinear, InputTransform, rotate_blocks, rotations_disabled
 from .models import SUPPORTED_MODEL_TYPES, check_supported
 from .quantizers import (
@@ -360,8 +361,11 @@ class HHDecoderBlock(nn.Module):
             ActivationQuantizer(bits=quant.kv_bits, symmetric=quant.kv_symmetric,
                                 learnable_clip=quant.kv_learnable_clip, clip_ratio_init=quant.a_clip_ratio_init)
             for _ in range(2))
-        # Sibling linears served as one kernel call (kernels.use_int4_kernels_); empty otherwise.
+        # Sibling linears served as one kernel call (kernels.use_int4_kernels_, integer.use_integer_kernels_);
+        # empty otherwise.
         self.fused_linears = nn.ModuleDict()
+        # K/V stored as packed codes in the KV cache (integer.use_integer_kernels_ sets it for a quantized cache).
+        self.packed_kv_cache = False
         self._statistics: dict[str, list[torch.Tensor]] | None = None
         self.rotation_bypass = False  # set by rotations_disabled(); not a setting
         # Rotations, smoothing and quantizer parameters are created on the CPU; join the layer's device,
@@ -498,9 +502,15 @@ class HHDecoderBlock(nn.Module):
         self._record("kv", key)
         if self.kv_rotation is not None and not self.rotation_bypass:
             query, key = self.kv_rotation.rotate(query), self.kv_rotation.rotate(key)
-        key, value = self.k_quantizer(key), self.v_quantizer(value)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if self.packed_kv_cache and past_key_values is not None:
+            # The cache keeps the codes themselves (kv_cache.py); what attention reads back is the
+            # fake quantizers' output bit for bit.
+            key, value = packed_layer(past_key_values, self.layer_idx).update_codes(
+                self.k_quantizer.quantize(key), self.v_quantizer.quantize(value), self.k_quantizer.bits)
+        else:
+            key, value = self.k_quantizer(key), self.v_quantizer(value)
+            if past_key_values is not None:
+                key, value = past_key_values.update(key, value, self.layer_idx)
         attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, model_functions.eager_attention_forward)
         attended, _ = attention_function(

@@ -698,7 +698,7 @@ def _return_freed_memory() -> None:
         trim(0)
 
 
-LOAD_KERNELS = (None, "int4")
+LOAD_KERNELS = (None, "int4", "w4a4")
 LOAD_HEADS = ("fp", "int8")
 # Tensors larger than this are read in row chunks of about this size (_TensorReader.read).
 LOAD_CHUNK_BYTES = 32 * 2**20
@@ -736,12 +736,16 @@ def _int8_head_(model: nn.Module, reader: _TensorReader, dtype: torch.dtype) -> 
 
 
 def load_quantized(directory: str | os.PathLike, *, device: str | torch.device = "cpu",
-                   kernels: str | None = None, dtype: torch.dtype | None = None, head: str = "fp") -> nn.Module:
+                   kernels: str | None = None, dtype: torch.dtype | None = None, head: str = "fp",
+                   integer_config: Any = None) -> nn.Module:
     """Rebuild a runnable folded model saved by ``save_quantized``.
 
     ``kernels``: ``None`` (default) keeps the dequantizing ``FoldedLinear``s;
     ``"int4"`` serves every 4-bit linear through the packed-int4 matmul
-    (``kernels.use_int4_kernels_``: grids it cannot take stay dequantizing, with a warning).
+    (``kernels.use_int4_kernels_``: grids it cannot take stay dequantizing, with a warning);
+    ``"w4a4"`` multiplies the activation codes by the weight codes in integers and keeps a
+    quantized KV cache as packed codes (``integer.use_integer_kernels_``, set by ``integer_config``, an
+    ``IntegerKernelConfig``; linears it cannot take stay dequantizing, with a warning).
     ``dtype``: the dtype of the float parts outside the linears' grids (embeddings, lm_head,
     norms, attention); default the saved model's (``quantization_config.json``'s ``dtype``).
     ``head``: ``fp`` keeps the embedding table and lm_head as saved (16-bit, cast to ``dtype``);
@@ -873,6 +877,10 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
     model = model.to(device).eval()
     if kernels == "int4" and not pack_while_reading:
         use_int4_kernels_(model)
+    if kernels == "w4a4":
+        from .integer import use_integer_kernels_
+
+        use_integer_kernels_(model, integer_config)
     # Before any forward: built lazily inside the first long prefill, these small caches pinned about
     # 110 MiB of its temporaries in the heap (SmolLM2 W4A4 as W4A16, 512 tokens; README).
     for layer in layers:

@@ -169,6 +169,20 @@ class ActivationQuantizer(nn.Module):
         out = fake_quantize(self._grouped(x), scale, zero, self.bits)
         return out.reshape(x.shape).to(x.dtype)
 
+    @torch.no_grad()
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Integer form of ``forward(x)`` for ``x`` ``(..., dim)``: ``codes`` uint8 ``(..., groups, g)``
+        (``groups = 1``, ``g = dim`` without ``group_size``), ``scale`` and ``zero`` ``(..., groups, 1)``
+        in ``x``'s dtype, with ``dequantize_codes(codes, scale, zero)`` equal to ``forward(x)`` bit for
+        bit: the same ranges and the same arithmetic, one rounding pass in place."""
+        if not self.enabled:
+            raise ValueError("an activation quantizer that is off has no integer form")
+        scale, zero = self.scale_zero(x)
+        # x / scale + zero, rounded and clamped: fake_quantize's forward values (its straight-through
+        # round adds (round(t) - t) to t, which gives round(t) exactly), without its temporaries.
+        codes = torch.div(self._grouped(x), scale).add_(zero).round_().clamp_(0, 2**self.bits - 1)
+        return codes.to(torch.uint8), scale, zero
+
 
 class WeightQuantizer(nn.Module):
     """Quantizer of a ``(out_features, in_features)`` weight.
