@@ -83,7 +83,7 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-# The rotation structures the benchmarks compare (DESIGN.md 2.8), as BlockQuantConfig fields.
+# The rotation structures the benchmarks compare (docs/design.md §2.3), as BlockQuantConfig fields.
 STRUCTURE_RECIPES: dict[str, dict[str, Any]] = {
     "dense": dict(rotation_structure="householder", rotation_init="hadamard"),
     "kronecker": dict(rotation_structure="kronecker", rotation_init="hadamard"),

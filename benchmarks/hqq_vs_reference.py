@@ -6,7 +6,7 @@ For every setting (bits x group size x axis) and every matrix, both solvers quan
 the same tensor on the CPU in float32; we report, over the matrices, the median of
 ours/reference for mean |W − Ŵ|, for MSE and for wall time (ratios < 1 favour ours).
 Our solver runs with the reference's effective settings (its default solver never
-grows β, so κ = 1); the "defaults" columns rerun ours with the DESIGN defaults
+grows β, so κ = 1); the "defaults" columns rerun ours with its own defaults
 (κ = 1.01) for the error only. Matrices are seeded, alternating Gaussian and
 Student-t (df = 3) entries, cycling through Qwen2-0.5B-like projection shapes.
 """

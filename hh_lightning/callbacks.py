@@ -19,7 +19,7 @@ from .quantizers import WeightInit
 
 
 class RotationInitCallback(Callback):
-    """PCA-initialize every rotation of the block from its cached inputs (DESIGN.md 2.2).
+    """PCA-initialize every rotation of the block from its cached inputs (docs/design.md §2.2).
 
     Runs before the first step; a no-op when the module is already
     initialized (a resumed fit) or the rotations are not ``pca``.

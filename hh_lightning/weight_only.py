@@ -1,4 +1,4 @@
-"""Weight-only HQQ quantization of a whole model (W4A16, W3A16, W2A16; DESIGN.md 2.6).
+"""Weight-only HQQ quantization of a whole model (W4A16, W3A16, W2A16; docs/design.md §3.2).
 
 Every linear of every decoder layer is replaced by a ``FoldedLinear`` holding
 HQQ's asymmetric group-wise codes (groups along the input dimension);

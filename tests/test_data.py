@@ -149,7 +149,7 @@ def test_held_out_windows_share_no_token_with_training_windows(seed, n_tokens, n
 
 
 def test_a_text_too_short_for_disjoint_validation_windows_is_an_error():
-    """Issue 11, defect 4: 10 windows of 128 tokens from a 393-token text overlapped silently."""
+    """A text too short for held-out windows disjoint from the training windows is refused, not overlapped."""
     with pytest.raises(ValueError, match="no window of seq_len=128 tokens outside the n_samples=1 training"):
         calibration_windows(torch.arange(138), 1, 128, seed=0, held_out=2)
 
@@ -232,7 +232,7 @@ def _cache_state(cache_dir):
 
 
 def test_a_cache_being_read_is_never_replaced_under_its_reader(tmp_path):
-    """Issue 11, defect 1: run B (other data.seed) shared run A's cache_dir and rebuilt it while A read it."""
+    """A run with other settings (here data.seed) sharing a cache_dir must not rebuild it while another run reads it."""
     model, cache_dir = tiny_model(), tmp_path / "cache"
     fingerprint, other = fingerprint_for(model), fingerprint_for(model, seed=1)
     reader = activation_cache_reader(cache_dir)

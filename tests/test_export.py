@@ -315,7 +315,7 @@ def _edit_json(path, edit) -> None:
 
 
 @pytest.mark.parametrize("name,edit", [
-    # A valid edit that silently changed the logits before the record covered it (issue 11, defect 5).
+    # A valid edit that would silently change the logits: the record must refuse it.
     (QUANT_CONFIG_NAME, lambda meta: meta["block_quant_config"].update(a_bits=8)),
     (QUANT_CONFIG_NAME, lambda meta: meta["layers"][0]["linears"]["q_proj"].update(quantized=False)),
     ("config.json", lambda config: config.update(rms_norm_eps=1e-3)),

@@ -153,7 +153,7 @@ def test_non_matrix_weight_is_rejected():
 
 
 def _literal_hqq(weight, bits, group_size, lp_norm, beta, kappa, iters):
-    """DESIGN.md 2.6 transcribed literally (original domain, pow, global best iterate), axis=1."""
+    """docs/design.md §3.2's HQQ update transcribed literally (original domain, pow, global best iterate), axis=1."""
     max_code = 2**bits - 1
     grouped = weight.reshape(-1, group_size)
     low, high = grouped.amin(1, keepdim=True), grouped.amax(1, keepdim=True)

@@ -20,7 +20,7 @@ def test_listed_devices(devices, expected) -> None:
 @pytest.mark.parametrize("devices,rank,index", [([2, 3], 0, 2), ([2, 3], 1, 3), ("5,7", 1, 7), (2, 1, 1),
                                                 ("auto", 0, 0)])
 def test_each_rank_gets_the_device_trainer_devices_names(monkeypatch, devices, rank, index) -> None:
-    """trainer.devices [2, 3] once ran on GPUs 0 and 1 (issue 11, defect 6)."""
+    """Rank r runs on the r-th device trainer.devices names (devices [2, 3]: GPUs 2 and 3, not 0 and 1)."""
     kwargs = {"accelerator": "gpu", "devices": devices}
     assert parallel._gpu_of_rank(kwargs, rank) == torch.device("cuda", index)
     if rank == 0:

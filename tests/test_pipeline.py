@@ -437,7 +437,7 @@ def test_gptq_rounding_runs_end_to_end_and_reloads(workspace) -> None:
 
 @pytest.mark.parametrize("subcommand", ["validate", "test", "predict"])
 def test_only_fit_is_offered(capsys, subcommand) -> None:
-    """Lightning's other subcommands ran nothing useful on a layer-wise job (issue 13)."""
+    """Lightning's validate/test/predict would run nothing useful on a layer-wise job, so only fit is offered."""
     with pytest.raises(SystemExit) as exit_info:
         main([subcommand, "--help"])
     assert exit_info.value.code == 2
