@@ -1,4 +1,4 @@
-"""The saved model in use: prefill time, decode speed, peak memory and bytes on disk (issue 13).
+"""The saved model in use: prefill time, decode speed, peak memory and bytes on disk.
 
 For each model (``--models``), three served forms, each measured in a fresh Python process
 so that one's memory never counts against another's:

@@ -1,6 +1,6 @@
 """A transformers decoder layer (Qwen2 or Llama) rebuilt with rotations and quantizers.
 
-Where the rotations sit (DESIGN.md 2.4), with ``x`` row vectors:
+Where the rotations sit (docs/design.md §4), with ``x`` row vectors:
 
 * ``qkv``: ``R_qkv`` (hidden size) online on the weightless-normalized input
   of q/k/v; the input norm's ``γ`` is folded into the three weights. One
@@ -96,7 +96,7 @@ class BlockQuantConfig:
         kv_symmetric: symmetric K/V grid.
         kv_learnable_clip: learn a clip ratio for the K and for the V cache's
             per-token ranges (one scalar pair each, as FlatQuant's LAC for the KV cache).
-        rotation_structure: how every rotation is built (DESIGN.md 2.8):
+        rotation_structure: how every rotation is built (docs/design.md §2.3):
             ``householder`` (k learned reflections; k = d is the dense
             reference, ``d²`` numbers per rotation), ``kronecker``
             (``diag(s)·(A ⊗ B)`` with full Householder factors, ``a² + b²``

@@ -97,6 +97,7 @@ def test_fit_writes_layers_summary_export_and_rerun_skips(workspace, baseline) -
     for name in ("summary.json", "summary.md", "layer_mse.png", "config.yaml", "run.json"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "logs" / "layer_000" / "metrics.csv").is_file()
+    assert "layers [####################] 2/2 (layer 1 done)" in (run_dir / "logs" / "progress.log").read_text()
     # Verified artifacts replace the checkpoints; the export is reported whole, by kind of tensor.
     assert not list((run_dir / "checkpoints").glob("layer_*"))
     sizes = summary["export_size"]
