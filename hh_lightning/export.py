@@ -8,7 +8,7 @@ A saved directory holds:
   ``import hh_lightning`` and refuses it, naming the package, without
   (``hf_integration.py``). Exports saved before these keys still load with
   ``load_quantized``.
-* the tokenizer's files, when one is given.
+* the tokenizer's files (its chat template included), when one is given.
 * ``model.safetensors``: every tensor the folded model needs, named as in its
   ``state_dict``. A quantized linear's ``codes`` are bit-packed (``pack_codes``,
   1-D uint8); its ``scale`` and ``zero`` are stored in the smallest lossless
@@ -29,9 +29,11 @@ A saved directory holds:
   the ``BlockQuantConfig``, per-layer rotation specs and per-linear bits,
   group size and shape, aliases, the byte size and sha256 of
   ``model.safetensors`` and ``config.json`` (and ``generation_config.json``),
-  and the sha256 of its own content (``content_sha256``). All are checked
+  and of every other file the export holds (the tokenizer's included), and
+  the sha256 of its own content (``content_sha256``). All are checked
   before anything is loaded: an edit to any of them, even a valid one such
-  as ``a_bits`` 4 → 8, would change the logits, so it is refused.
+  as ``a_bits`` 4 → 8 or two token ids swapped, would change the results,
+  so it is refused, naming the file.
 
 Packing (``pack_codes``): ``b``-bit codes (``b ≤ 7``) are taken 8 at a time;
 8 codes fill exactly ``b`` bytes. Code ``i`` of a group occupies bits
@@ -62,7 +64,8 @@ from torch import nn
 
 from . import __version__
 from .block import BlockQuantConfig, HHDecoderBlock, wrap_model
-from .files import content_sha256, file_record, fsync_path, verify_file_record
+from .errors import check_device, check_type
+from .files import check_writable_directory, content_sha256, file_record, fsync_path, verify_file_record
 from .hf_integration import LOAD_GUARD_KEY
 from .linear import FoldedLinear
 
@@ -72,6 +75,7 @@ __all__ = [
     "QUANT_CONFIG_NAME",
     "WEIGHTS_NAME",
     "load_quantized",
+    "verify_export",
     "export_size",
     "fp16_model_bytes",
     "pack_codes",
@@ -83,12 +87,14 @@ __all__ = [
 FORMAT_NAME = "hh_lightning"
 # 2: rotation structures (``rotation_structure``, per-rotation ``spec``); embeddings and norms in a
 # storage dtype. 3: the ``files`` record also covers config.json (and generation_config.json), and
-# ``quantization_config.json`` carries the sha256 of its own content. Versions 1 and 2 still load.
-FORMAT_VERSION = 3
+# ``quantization_config.json`` carries the sha256 of its own content. 4: the ``files`` record covers
+# every file the export holds, the tokenizer's and its chat template included. Versions 1-3 still load.
+FORMAT_VERSION = 4
 WEIGHTS_NAME = "model.safetensors"
 QUANT_CONFIG_NAME = "quantization_config.json"
-# Files whose size and sha256 quantization_config.json records (each that the export holds).
-RECORDED_FILES = (WEIGHTS_NAME, "config.json", "generation_config.json")
+# Files whose size and sha256 every export of format 3 and later records; format 4 records every other
+# file it holds as well (the tokenizer's, generation_config.json), format 1 and 2 only the weights.
+RECORDED_FILES = (WEIGHTS_NAME, "config.json")
 CONTENT_HASH_KEY = "content_sha256"
 ROTATION_NAMES = ("qkv", "o", "upgate", "down", "kv")
 
@@ -471,16 +477,26 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
     into place at the end, so a crash never leaves a partial directory
     under the final name.
     """
+    check_type("model", model, nn.Module, "a transformers causal LM with folded HHDecoderBlocks")
+    check_type("directory", directory, (str, os.PathLike), "a directory path")
+    if tokenizer is not None and not callable(getattr(tokenizer, "save_pretrained", None)):
+        raise TypeError(f"tokenizer: expected a transformers tokenizer (with save_pretrained), "
+                        f"got {type(tokenizer).__name__}")
+    if extra_metadata is not None:
+        check_type("extra_metadata", extra_metadata, dict, "a dict of JSON values")
+    if storage_dtype is not None and storage_dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"storage_dtype={storage_dtype!r} must be torch.float16 or torch.bfloat16 (or None)")
     # abspath, not resolve: "." gets a real name, and a symlink is refused rather than followed.
-    directory = Path(os.path.abspath(directory))
+    directory = Path(os.path.abspath(os.fspath(directory)))
     if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
-        raise FileExistsError(f"{directory} exists and is not a directory; not replacing it")
+        raise FileExistsError(f"directory: {directory} exists and is not a directory; not replacing it")
+    check_writable_directory(directory.parent, "directory")
     blocks = _folded_blocks(model)
     extra = dict(extra_metadata or {})
     try:
         json.dumps(extra)
     except TypeError as error:
-        raise ValueError(f"extra_metadata must be JSON-serializable: {error}") from error
+        raise ValueError(f"extra_metadata must be JSON-serializable: {error}") from None
 
     storage_dtype = storage_dtype or model_storage_dtype(model.config)
     tensors, aliases, layers_meta = _collect_tensors(model, blocks, storage_dtype)
@@ -515,8 +531,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
             "block_quant_config": global_quant,
             "layers": layers_meta,
             "aliases": aliases,
-            # Every file the model is rebuilt from; this file vouches for itself through content_sha256.
-            "files": {name: file_record(staging / name) for name in RECORDED_FILES if (staging / name).is_file()},
+            # Every file the export holds; this one vouches for itself through content_sha256.
+            "files": {name: file_record(staging / name) for name in _export_files(staging)},
             "extra": extra,
         }
         meta[CONTENT_HASH_KEY] = content_sha256(meta, exclude=CONTENT_HASH_KEY)
@@ -529,6 +545,46 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return directory
+
+
+def _export_files(directory: Path) -> list[str]:
+    """The files of an export as ``files`` records them: relative paths, all but ``QUANT_CONFIG_NAME``."""
+    return sorted(path.relative_to(directory).as_posix() for path in directory.rglob("*")
+                  if path.is_file() and path.name != QUANT_CONFIG_NAME)
+
+
+def verify_export(directory: str | os.PathLike) -> dict[str, Any]:
+    """Check a saved model before anything reads it; returns its ``quantization_config.json``.
+
+    That file must match its ``content_sha256``, and every file it records (``RECORDED_FILES``
+    at least) its size and sha256: a ``ValueError`` (``FileNotFoundError`` for a missing
+    file) naming the file otherwise.
+    """
+    directory = Path(directory)
+    meta = _read_quant_config(directory)
+    records = meta.get("files", {})
+    required = RECORDED_FILES if meta["format_version"] >= 3 else (WEIGHTS_NAME,)
+    for name in dict.fromkeys([*required, *records]):
+        record = records.get(name)
+        if not isinstance(record, dict) or not {"bytes", "sha256"} <= set(record):
+            raise ValueError(f"{directory / QUANT_CONFIG_NAME} has no size/sha256 record for {name}")
+        verify_file_record(directory / name, record)
+    return meta
+
+
+def _check_load_arguments(directory: Any, device: Any, dtype: Any) -> None:
+    """``load_quantized``'s arguments, before anything is read: one-line errors naming the argument."""
+    check_type("directory", directory, (str, os.PathLike), "the path of a saved hh_lightning model")
+    path = Path(directory).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"directory: {path} not found")
+    if not path.is_dir():
+        raise ValueError(f"directory: {path} is a file, not a saved hh_lightning model's directory")
+    check_device(device, "device", allow_auto=False)
+    if dtype is not None:
+        check_type("dtype", dtype, torch.dtype, "a torch dtype such as torch.bfloat16 (or None)")
+        if not dtype.is_floating_point:
+            raise ValueError(f"dtype={dtype} is not a floating-point dtype")
 
 
 # --------------------------------------------------------------------------
@@ -753,30 +809,22 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
     quarter of their fp32 memory, the lm_head through the int8 matmul), an extra rounding the
     export does not hold.
 
-    Checks ``quantization_config.json`` against its ``content_sha256`` and every recorded file
-    (``model.safetensors``, ``config.json``) against its size and sha256 first
-    (a ``ValueError`` naming the file otherwise), builds the transformers
+    Checks its arguments (a one-line ``TypeError``, ``ValueError`` or ``FileNotFoundError`` naming
+    the argument), then the files (``verify_export``: a ``ValueError`` naming the file), builds the transformers
     model from the saved config on the meta device (no download, no FP weight allocated), wraps
     and folds every layer, then reads the tensors one by one. Returns the model in eval mode on
     ``device``.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
+    _check_load_arguments(directory, device, dtype)
     if kernels not in LOAD_KERNELS:
         raise ValueError(f"kernels={kernels!r}: use one of {LOAD_KERNELS}")
     if head not in LOAD_HEADS:
         raise ValueError(f"head={head!r}: use one of {LOAD_HEADS}")
-    directory = Path(directory)
-    meta = _read_quant_config(directory)
+    directory = Path(directory).expanduser()
+    meta = verify_export(directory)
     weights_path = directory / WEIGHTS_NAME
-    records = meta.get("files", {})
-    for name in RECORDED_FILES if meta["format_version"] >= 3 else (WEIGHTS_NAME,):
-        record = records.get(name)
-        if record is None and name == "generation_config.json":
-            continue  # saved only when the model had one
-        if not isinstance(record, dict) or not {"bytes", "sha256"} <= set(record):
-            raise ValueError(f"{directory / QUANT_CONFIG_NAME} has no size/sha256 record for {name}")
-        verify_file_record(directory / name, record)
 
     config = AutoConfig.from_pretrained(directory)
     # The entries that route from_pretrained through hf_integration; a model built here needs neither.

@@ -20,12 +20,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .errors import DirectoryLocked
+
 HASH_CHUNK_BYTES = 1 << 22
 LOCK_NAME = ".lock"
-
-
-class DirectoryLocked(RuntimeError):
-    """Another live process holds the lock of a directory."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:
