@@ -572,7 +572,7 @@ def verify_export(directory: str | os.PathLike) -> dict[str, Any]:
     return meta
 
 
-def _check_load_arguments(directory: Any, device: Any, dtype: Any) -> None:
+def _check_load_arguments(directory: Any, device: Any, dtype: Any, integer_config: Any) -> None:
     """``load_quantized``'s arguments, before anything is read: one-line errors naming the argument."""
     check_type("directory", directory, (str, os.PathLike), "the path of a saved hh_lightning model")
     path = Path(directory).expanduser()
@@ -585,6 +585,14 @@ def _check_load_arguments(directory: Any, device: Any, dtype: Any) -> None:
         check_type("dtype", dtype, torch.dtype, "a torch dtype such as torch.bfloat16 (or None)")
         if not dtype.is_floating_point:
             raise ValueError(f"dtype={dtype} is not a floating-point dtype")
+    if integer_config is not None:
+        from .integer import IntegerKernelConfig
+
+        check_type("integer_config", integer_config, IntegerKernelConfig, "an IntegerKernelConfig (or None)")
+        try:
+            integer_config.validate()
+        except ValueError as error:
+            raise ValueError(f"integer_config: {error}") from None
 
 
 # --------------------------------------------------------------------------
@@ -817,7 +825,7 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
     """
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
-    _check_load_arguments(directory, device, dtype)
+    _check_load_arguments(directory, device, dtype, integer_config)
     if kernels not in LOAD_KERNELS:
         raise ValueError(f"kernels={kernels!r}: use one of {LOAD_KERNELS}")
     if head not in LOAD_HEADS:
