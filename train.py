@@ -1,7 +1,7 @@
-"""``python train.py fit --config configs/demo.yaml`` quantizes a model (hh_lightning/cli.py);
-``python train.py evaluate`` / ``generate`` score or run it, or the FP model (hh_lightning/commands.py)."""
+"""``python train.py fit --config configs/demo.yaml`` quantizes a model; ``python train.py evaluate`` /
+``generate`` score or run it, or the FP model (hh_lightning/cli.py; installed as ``hh-lightning``)."""
 
-from hh_lightning.commands import main
+from hh_lightning.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

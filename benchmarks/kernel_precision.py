@@ -144,8 +144,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50, help="timed calls per cell at 1 row (3 at 512)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     args = parser.parse_args()
-    from hh_lightning.commands import (INPUT_ERRORS, check_model_source, is_saved_quantized, load_for_inference,
-                                      refuse)
+    from hh_lightning.commands import check_model_source, load_for_inference
+    from hh_lightning.errors import INPUT_ERRORS, refuse
+    from hh_lightning.models import is_saved_quantized
     from hh_lightning.export import load_quantized
 
     for name in ("threads", "repeats"):

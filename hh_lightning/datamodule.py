@@ -20,8 +20,10 @@ from .cache import (
     CacheManifest,
     activation_cache_reader,
     cache_fingerprint,
+    check_cache_replaceable,
     ensure_activation_cache,
 )
+from .errors import check_device
 from .files import check_text_file, check_writable_directory
 from .models import (
     attention_implementations,
@@ -29,6 +31,7 @@ from .models import (
     check_supported,
     default_cache_dir,
     embedded_model_dir,
+    is_saved_quantized,
     load_model,
     looks_local,
     weights_fingerprint,
@@ -140,13 +143,7 @@ class BlockActivationDataModule(L.LightningDataModule):
         attention = attention_implementations()
         if attn_implementation is not None and attn_implementation not in attention:
             raise ValueError(f"data.attn_implementation={attn_implementation!r} is not one of {attention}")
-        if device != "auto":
-            try:
-                kind = torch.device(device).type
-            except RuntimeError:
-                kind = None
-            if kind not in ("cpu", "cuda"):
-                raise ValueError(f"data.device={device!r} must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        check_device(device, "data.device")
         self.layer_index = 0
         self.input_path: Path | None = None
         self.manifest: CacheManifest | None = None
@@ -161,6 +158,9 @@ class BlockActivationDataModule(L.LightningDataModule):
         """
         hp = self.hparams
         if hp.model != EMBEDDED_MODEL and not hp.model.startswith(IN_MEMORY_PREFIX) and looks_local(hp.model):
+            if is_saved_quantized(hp.model):
+                raise ValueError(f"data.model={hp.model} is an hh_lightning export, already quantized; give the "
+                                 "full-precision model it was made from")
             try:
                 check_model_path(hp.model, hp.gguf_file)
             except (FileNotFoundError, ValueError) as error:
@@ -175,6 +175,12 @@ class BlockActivationDataModule(L.LightningDataModule):
             if path is not None:  # else the hub (or, where allowed, the generated fallback)
                 check_text_file(path, "data.data_dir" if hp.data_dir is not None else "$HH_DATA_DIR")
         check_writable_directory(self.cache_dir_for_checks, "data.cache_dir")
+
+    def check_cache(self) -> None:
+        """Refuse (``DirectoryLocked``) a ``data.cache_dir`` that another run reads for other settings,
+        before this run writes anything; a per-recipe cache (``cache_dir`` unset) never conflicts."""
+        if self.hparams.cache_dir is not None:
+            check_cache_replaceable(self.cache_path, self.fingerprint(), self.hparams.cache_dtype)
 
     @property
     def cache_dir_for_checks(self) -> Path:

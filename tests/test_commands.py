@@ -10,19 +10,22 @@ import torch
 from tiny_exports import save_tiny_export
 from tiny_models import WIKITEXT_DIR, save_tiny_checkpoint
 
-from hh_lightning.commands import COMMANDS, EvaluateConfig, GenerateConfig, main
+from hh_lightning.cli import entry as main
+from hh_lightning.commands import COMMANDS, EvaluateConfig, GenerateConfig
 from hh_lightning.evaluation import perplexity
 from hh_lightning.export import load_quantized
 from hh_lightning.text import load_text_file, load_wikitext_text, tokenize_text
 
 SEQ_LEN, WINDOWS = 32, 3
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """``{"quantized": saved W4A4KV4 export, "hqq": saved HQQ W3 g16 export, "fp": a plain HF checkpoint}``."""
+    """``{"quantized": saved W4A4KV4 export (its tokenizer with a chat template), "hqq": saved HQQ W3 g16
+    export, "fp": a plain HF checkpoint}``."""
     tmp = tmp_path_factory.mktemp("commands")
-    return {"quantized": save_tiny_export("w4a4kv4", tmp / "quantized"),
+    return {"quantized": save_tiny_export("w4a4kv4", tmp / "quantized", chat_template=CHAT_TEMPLATE),
             "hqq": save_tiny_export("hqq-w3-g16", tmp / "hqq"),
             "fp": save_tiny_checkpoint(tmp / "fp", "llama")}
 
@@ -236,15 +239,23 @@ def test_every_command_field_has_a_bad_value() -> None:
     assert not set(BAD_COMMAND_VALUES) & {field for field, _ in BAD_COMMAND_PATHS}
 
 
+def _tree(root: Path) -> dict:
+    return {path: (path.stat().st_size, path.stat().st_mtime_ns) for path in root.rglob("*")}
+
+
 def _refused(tmp_path, monkeypatch, capsys, command: str, args: list[str]) -> str:
+    """Run ``command``; assert exit code 2, one ``error:`` line on stderr and nothing else (no usage text,
+    no traceback), nothing on stdout and nothing written; returns the line."""
     monkeypatch.chdir(tmp_path)  # the default output lands under the working directory
-    before = set(tmp_path.rglob("*"))
+    before = _tree(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--device", "cpu", *args])
     assert exit_info.value.code == 2
-    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, lines
-    assert set(tmp_path.rglob("*")) == before  # nothing written
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    assert not captured.out.strip(), captured.out
+    assert _tree(tmp_path) == before  # nothing written
     return lines[0]
 
 
@@ -272,3 +283,178 @@ def test_bad_command_path_is_one_line_exit_2_and_writes_nothing(models, tmp_path
     args = [*BASE_ARGS[command], *(arg for key, value in values.items() for arg in (f"--{key}", value))]
     line = _refused(tmp_path, monkeypatch, capsys, command, args)
     assert message in line, line
+
+
+def _typed_fields() -> set[str]:
+    """Every option whose value jsonargparse parses into something other than a string."""
+    import typing
+
+    return {f"{command}.{name}" for command, cls in COMMANDS.items()
+            for name, hint in typing.get_type_hints(cls).items() if hint not in (str, str | None)}
+
+
+# An ill-typed value for every option that is not a string: jsonargparse finds these before our checks.
+BAD_COMMAND_TYPES = {
+    "evaluate.seq_len": "two", "evaluate.windows": "two", "evaluate.batch_size": "1.5",
+    "generate.max_new_tokens": "many", "generate.sample": "maybe", "generate.temperature": "nan",
+    "generate.top_p": "high", "generate.top_k": "1.5", "generate.seed": "x", "generate.chat": "maybe",
+}
+
+
+def test_every_typed_option_has_an_ill_typed_value() -> None:
+    assert set(BAD_COMMAND_TYPES) == _typed_fields()
+
+
+@pytest.mark.parametrize("field", list(BAD_COMMAND_TYPES))
+def test_ill_typed_option_is_one_line_exit_2_naming_it(models, tmp_path, monkeypatch, capsys, field) -> None:
+    command, name = field.split(".")
+    args = [*BASE_ARGS[command], "--model", str(models["quantized"]), f"--{name}", BAD_COMMAND_TYPES[field]]
+    line = _refused(tmp_path, monkeypatch, capsys, command, args)
+    assert f"{name}=" in line, line
+
+
+# CUDA is absent on a CPU-only torch; on a GPU machine, an index past its devices.
+ABSENT_DEVICE = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+
+
+def _without_tokenizer(tmp: Path, source: Path) -> str:
+    copy = Path(shutil.copytree(source, tmp / "no_tokenizer"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (copy / name).unlink()
+    return str(copy)
+
+
+def _truncated_tokenizer(tmp: Path, source: Path) -> str:
+    copy = Path(shutil.copytree(source, tmp / "truncated_tokenizer"))
+    tokenizer = copy / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes()[:100])
+    return str(copy)
+
+
+# Input a library (jsonargparse, transformers, torch) would answer first, and lengths the model's context
+# bounds: (command, case) -> (extra args built from tmp and the models, what the one-line error holds).
+BAD_COMMAND_INPUT = {
+    **{(command, case): value for command in COMMANDS for case, value in {
+        "unknown-option": (lambda tmp, models: ["--windowz", "2"], "--windowz"),
+        "option-without-value": (lambda tmp, models: ["--device"], "--device"),
+        "binary-config": (lambda tmp, models: ["--config", _file(tmp, "c.yaml", bytes(range(256)))],
+                          "config: "),
+        "malformed-config": (lambda tmp, models: ["--config", _file(tmp, "c.yaml", b"model: [q\n")],
+                             "is not valid YAML"),
+        "config-not-a-mapping": (lambda tmp, models: ["--config", _file(tmp, "c.yaml", b"- 1\n")],
+                                 "not a mapping"),
+        "unknown-config-key": (lambda tmp, models: ["--config", _file(tmp, "c.yaml", b"bogus: 1\n")], "bogus"),
+        "absent-device": (lambda tmp, models: ["--device", ABSENT_DEVICE], f"device='{ABSENT_DEVICE}'"),
+        "no-tokenizer": (lambda tmp, models: ["--model", _without_tokenizer(tmp, models["fp"])],
+                         "holds no tokenizer"),
+        "no-tokenizer-export": (lambda tmp, models: ["--model", _without_tokenizer(tmp, models["hqq"])],
+                                "holds no tokenizer"),
+        "damaged-tokenizer": (lambda tmp, models: ["--model", _truncated_tokenizer(tmp, models["fp"])],
+                              "the tokenizer does not load"),
+        "damaged-export-tokenizer": (lambda tmp, models: ["--model", _truncated_tokenizer(tmp, models["quantized"])],
+                                     "tokenizer.json has"),
+    }.items()},
+    ("evaluate", "seq-len-beyond-context"): (lambda tmp, models: ["--seq_len", "100000"],
+                                             "seq_len=100000 exceeds the model's context"),
+    ("evaluate", "output-is-a-directory"): (lambda tmp, models: ["--output", str(tmp)], "is a directory"),
+    ("generate", "prompt-beyond-context"): (lambda tmp, models: ["--prompt", "the lobster " * 300],
+                                            "prompt: its"),
+    ("generate", "max-new-tokens-beyond-context"): (lambda tmp, models: ["--max_new_tokens", "100000000"],
+                                                    "max_new_tokens=100000000"),
+    ("generate", "max-new-tokens-beyond-context-with-prompt"): (lambda tmp, models: ["--max_new_tokens", "255",
+                                                                                     "--prompt", "the lobster"],
+                                                                "max_new_tokens=255 with the prompt's"),
+}
+
+
+@pytest.mark.parametrize("command,case", list(BAD_COMMAND_INPUT), ids=lambda value: value)
+def test_input_a_library_would_answer_first_is_one_line_exit_2(models, tmp_path, monkeypatch, capsys, command,
+                                                                case) -> None:
+    build, message = BAD_COMMAND_INPUT[command, case]
+    (tmp_path / "inputs").mkdir()
+    extra = build(tmp_path / "inputs", models)
+    line = _refused(tmp_path, monkeypatch, capsys, command,
+                    [*BASE_ARGS[command], "--model", str(models["quantized"]), *extra])
+    assert message in line, line
+
+
+def _edited(path: Path) -> None:
+    """A change a reader would accept: a JSON file stays valid JSON, any other file grows by a byte."""
+    if path.suffix == ".json":
+        values = json.loads(path.read_text())
+        values["edited"] = True
+        path.write_text(json.dumps(values, indent=2))
+    else:
+        path.write_bytes(path.read_bytes() + b"\n")
+
+
+def _swapped_token_ids(path: Path) -> None:
+    """Two token ids exchanged: the file stays a valid tokenizer, and the perplexity changes."""
+    values = json.loads(path.read_text())
+    vocab = values["model"]["vocab"]
+    first, second = sorted(vocab, key=vocab.get)[10:12]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    path.write_text(json.dumps(values, ensure_ascii=False))
+
+
+# Damages beyond _edited that some files must be refused for too: name -> {kind: damage}.
+EXPORT_FILE_DAMAGES = {
+    "tokenizer.json": {"swapped-ids": _swapped_token_ids,
+                       "truncated": lambda path: path.write_bytes(path.read_bytes()[:100])},
+    "model.safetensors": {"truncated": lambda path: path.write_bytes(path.read_bytes()[:-100])},
+}
+
+
+def test_an_export_records_every_file_it_holds(models) -> None:
+    from hh_lightning.export import QUANT_CONFIG_NAME
+
+    for kind in ("quantized", "hqq"):
+        held = {path.name for path in models[kind].iterdir()}
+        recorded = set(json.loads((models[kind] / QUANT_CONFIG_NAME).read_text())["files"])
+        assert recorded | {QUANT_CONFIG_NAME} == held
+    held = {path.name for path in models["quantized"].iterdir()}
+    assert "chat_template.jinja" in held and set(EXPORT_FILE_DAMAGES) <= held
+
+
+def test_every_file_of_an_export_edited_or_damaged_is_refused_naming_it(models, tmp_path, monkeypatch,
+                                                                        capsys) -> None:
+    """Every file the export holds, each damage: load_quantized raises ValueError naming the file, and
+    evaluate and generate refuse in one line naming it, writing nothing."""
+    names = sorted(path.name for path in models["quantized"].iterdir())
+    for name in names:
+        for kind, damage in {"edited": _edited, **EXPORT_FILE_DAMAGES.get(name, {})}.items():
+            copy = Path(shutil.copytree(models["quantized"], tmp_path / "exports" / f"{name}-{kind}"))
+            damage(copy / name)
+            with pytest.raises(ValueError) as error_info:
+                load_quantized(copy)
+            assert str(copy / name) in str(error_info.value) and "\n" not in str(error_info.value), (name, kind)
+            for command in COMMANDS:
+                line = _refused(tmp_path, monkeypatch, capsys, command, [*BASE_ARGS[command], "--model", str(copy)])
+                assert str(copy / name) in line, (name, kind, line)
+
+
+def test_the_console_script_is_the_same_program_as_train_py(monkeypatch, capsys) -> None:
+    """``hh-lightning`` (setup.cfg's console script) and ``python train.py`` run one entry point."""
+    import configparser
+    import importlib
+    import subprocess
+    import sys
+
+    from hh_lightning.cli import entry
+
+    repo = Path(__file__).resolve().parents[1]
+    setup = configparser.ConfigParser()
+    setup.read(repo / "setup.cfg")
+    name, target = (part.strip() for part in setup["options.entry_points"]["console_scripts"].strip().split("="))
+    module, function = target.split(":")
+    assert name == "hh-lightning" and getattr(importlib.import_module(module), function) is entry
+    shown = subprocess.run([sys.executable, "train.py", "--help"], cwd=repo, capture_output=True, text=True)
+    monkeypatch.setattr(sys, "argv", ["train.py"])
+    with pytest.raises(SystemExit):
+        entry(["--help"])
+    assert shown.returncode == 0 and shown.stdout == capsys.readouterr().out
+    monkeypatch.setattr(sys, "argv", ["/usr/bin/hh-lightning"])
+    with pytest.raises(SystemExit) as exit_info:
+        entry(["evalute"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: unknown command 'evalute': use fit, evaluate or generate (hh-lightning --help)\n"

@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from tiny_models import WIKITEXT_DIR, save_tiny_checkpoint
+from tiny_exports import save_tiny_export
+from tiny_models import WIKITEXT_DIR, save_tiny_checkpoint, tiny_model, tiny_tokenizer
 
 from hh_lightning.block import BlockQuantConfig
 from hh_lightning.cli import main
@@ -186,7 +187,16 @@ def test_keep_checkpoints_keeps_them(workspace, baseline) -> None:
     assert (Path(config["pipeline"]["run_dir"]) / "checkpoints" / "layer_000" / "last.ckpt").is_file()
 
 
+# CUDA (and the GPU accelerators) are absent on a CPU-only torch; on a GPU machine, a device past its count.
+ABSENT_DEVICE = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+ABSENT_ACCELERATOR = "mps" if torch.cuda.is_available() else "gpu"
 BAD_INPUT = [
+    ({"pipeline.layers": [0, 0]}, "pipeline.layers=[0, 0] repeats 0"),
+    ({"trainer.devices": [0, 0], "pipeline.layer_parallel": True}, "trainer.devices=[0, 0] repeats 0"),
+    ({"trainer.accelerator": ABSENT_ACCELERATOR}, f"trainer.accelerator='{ABSENT_ACCELERATOR}'"),
+    ({"trainer.accelerator": "abacus"}, "trainer.accelerator='abacus' is not one of"),
+    ({"data.device": ABSENT_DEVICE}, f"data.device='{ABSENT_DEVICE}'"),
+    ({"trainer.devices": [0]}, "trainer: `devices`"),  # Lightning's own refusal, in one line
     ({"model.quant": {**QUANT, "w_bits": 9}}, "quant.w_bits=9"),
     ({"model.quant": {**QUANT, "w_group_size": 24}}, "quant.w_group_size=24 does not divide"),
     ({"model.quant": {**QUANT, "down_reflections": 500}}, "quant.down_reflections=500"),
@@ -443,3 +453,119 @@ def test_only_fit_is_offered(capsys, subcommand) -> None:
         main([subcommand, "--help"])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def _list_fields() -> set[str]:
+    """Every field of the fit sections whose value is a list, and ``trainer.devices``."""
+    import dataclasses
+    import typing
+
+    def is_list(hint) -> bool:
+        return typing.get_origin(hint) is list or any(typing.get_origin(arg) is list for arg in typing.get_args(hint))
+
+    fields = {f"pipeline.{f.name}" for f in dataclasses.fields(PipelineConfig)
+              if is_list(typing.get_type_hints(PipelineConfig)[f.name])}
+    for section, cls in (("model.quant", BlockQuantConfig), ("model.optim", OptimConfig)):
+        fields |= {f"{section}.{name}" for name, hint in typing.get_type_hints(cls).items() if is_list(hint)}
+    hints = typing.get_type_hints(BlockActivationDataModule.__init__)
+    fields |= {f"data.{name}" for name, hint in hints.items() if name != "return" and is_list(hint)}
+    return fields | {"trainer.devices"}
+
+
+# A list with a repeated entry for every list field: each would be collapsed silently.
+REPEATED_LISTS = {"pipeline.layers": [1, 1], "trainer.devices": [0, 0]}
+
+
+def test_every_list_field_has_a_repeated_value() -> None:
+    assert set(REPEATED_LISTS) == _list_fields()
+
+
+@pytest.mark.parametrize("field", list(REPEATED_LISTS))
+def test_a_list_field_with_a_repeat_is_refused(workspace, capsys, field) -> None:
+    tmp, model_dir = workspace
+    config = make_config(tmp, model_dir, "repeated", layer_parallel=True)
+    section, name = field.split(".")
+    config[section][name] = REPEATED_LISTS[field]
+    _assert_refused(main, ["fit", "--config", str(write_config(tmp, config, "repeated"))], capsys,
+                    f"{field}={REPEATED_LISTS[field]} repeats")
+    assert not (tmp / "repeated").exists()
+
+
+def _assert_refused(entry, args: list[str], capsys, message: str) -> str:
+    """``entry(args)`` exits 2 with one ``error:`` line holding ``message``, no usage text and no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        entry(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], err
+    assert "usage" not in err and "Traceback" not in err, err
+    return errors[0]
+
+
+def _small_vocabulary_model(tmp: Path) -> str:
+    """A model whose embedding has fewer rows than its tokenizer has tokens: not its tokenizer."""
+    directory = tmp / "small_vocabulary"
+    tiny_model("llama", vocab_size=100).save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return str(directory)
+
+
+# Sources a library would fail on only inside the cache build: (case) -> (data.model built under tmp, message).
+BAD_SOURCES = {
+    "an-export": (lambda tmp: str(save_tiny_export("hqq-w3-g16", tmp / "export")), "is an hh_lightning export"),
+    "tokenizer-of-another-model": (_small_vocabulary_model, "the tokenizer has"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SOURCES))
+def test_a_bad_source_is_refused_before_the_cache_or_the_run_dir(workspace, capsys, tmp_path, case) -> None:
+    tmp, model_dir = workspace
+    build, message = BAD_SOURCES[case]
+    config = make_config(tmp_path, build(tmp_path), "run")
+    _assert_refused(main, ["fit", "--config", str(write_config(tmp_path, config, "source"))], capsys, message)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def _file_under(tmp: Path, name: str, content: bytes) -> str:
+    return str(_file(tmp, name, content))
+
+
+# What jsonargparse would answer with its usage text: (case) -> (extra args built under tmp, message).
+BAD_FIT_ARGS = {
+    "binary-config": (lambda tmp: ["--config", _file_under(tmp, "bin.yaml", bytes(range(256)))], "config: "),
+    "malformed-config": (lambda tmp: ["--config", _file_under(tmp, "bad.yaml", b"trainer: [1\n")],
+                         "is not valid YAML"),
+    "unknown-config-key": (lambda tmp: ["--config", _file_under(tmp, "key.yaml", b"bogus: 1\n")], "bogus"),
+    "ill-typed": (lambda tmp: ["--trainer.max_epochs", "two"], "trainer.max_epochs='two' is not"),
+    "not-finite": (lambda tmp: ["--model.optim.lr_clips", "nan"], "model.optim.lr_clips=nan must be a finite"),
+    "unknown-option": (lambda tmp: ["--model.quant.w_bitz", "3"], "--model.quant.w_bitz"),
+    "not-a-list": (lambda tmp: ["--pipeline.layers", "3"], "pipeline.layers='3' is not a list"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FIT_ARGS))
+def test_bad_arguments_are_one_line_without_usage_text(workspace, capsys, tmp_path, case) -> None:
+    from hh_lightning.cli import entry
+
+    tmp, model_dir = workspace
+    build, message = BAD_FIT_ARGS[case]
+    config = make_config(tmp_path, model_dir, "run")
+    args = ["fit", "--config", str(write_config(tmp_path, config, "base")), *build(tmp_path)]
+    _assert_refused(entry, args, capsys, message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_fit_refused_for_a_cache_another_run_reads_claims_nothing(workspace, capsys, tmp_path) -> None:
+    """The refusal once came after run.json was written, and a later fit there was refused as another run's."""
+    tmp, model_dir = workspace
+    config = make_config(tmp_path, model_dir, "run")
+    config["data"]["cache_dir"] = str(tmp_path / "shared_cache")
+    reader = BlockActivationDataModule(**{**config["data"], "seed": 7})
+    reader.prepare_data()  # builds the cache for other settings and keeps reading it
+    try:
+        _assert_refused(main, ["fit", "--config", str(write_config(tmp_path, config, "conflict"))], capsys,
+                        "is being read by another run")
+    finally:
+        reader._cache_reader.release()
+    assert not (tmp_path / "run").exists()

@@ -13,9 +13,11 @@ from hh_lightning.weight_only import quantize_weights_hqq
 EXPORT_KINDS = ("w4a4kv4", "hqq-w3-g16")
 
 
-def save_tiny_export(kind: str, directory: Path) -> Path:
-    """Save the ``kind`` export (one of ``EXPORT_KINDS``) and its tokenizer to ``directory``."""
+def save_tiny_export(kind: str, directory: Path, chat_template: str | None = None) -> Path:
+    """Save the ``kind`` export (one of ``EXPORT_KINDS``) and its tokenizer (with ``chat_template``,
+    when given) to ``directory``."""
     tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = chat_template
     if kind == "w4a4kv4":
         model = _w4a4_model("qwen2", vocab_size=len(tokenizer))
     elif kind == "hqq-w3-g16":
