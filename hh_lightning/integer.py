@@ -52,6 +52,7 @@ from torch import nn
 
 from .linear import FoldedLinear, InputTransform
 from .quantizers import dequantize_codes
+from .rotation import as_dtype
 
 __all__ = ["BACKENDS", "ActivationCodes", "IntegerInputTransform", "IntegerKernelConfig", "IntegerLinear",
            "IntegerReport", "integer_refusal", "use_integer_kernels_"]
@@ -112,10 +113,11 @@ class ActivationCodes:
 
     Args:
         codes: uint8 ``(rows, dim)`` in ``[0, 2^bits − 1]``.
-        scale: ``(rows, 1)``, the grid's step, in the input's dtype.
-        zero: ``(rows, 1)``, the grid's real-valued zero, in the input's dtype.
+        scale: float32 ``(rows, 1)``, the grid's step.
+        zero: float32 ``(rows, 1)``, the grid's real-valued zero.
         bits: the grid's bits.
         shape: the input's shape ``(..., dim)``; outputs take its leading dimensions.
+        dtype: the input's dtype; outputs return in it.
     """
 
     codes: torch.Tensor
@@ -123,18 +125,16 @@ class ActivationCodes:
     zero: torch.Tensor
     bits: int
     shape: torch.Size
+    dtype: torch.dtype
 
     @property
     def rows(self) -> int:
         return self.codes.shape[0]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.scale.dtype
-
     def dequantize(self) -> torch.Tensor:
-        """``(codes − zero) · scale`` in the input's shape and dtype: the fake quantizer's output, bit for bit."""
-        return dequantize_codes(self.codes, self.scale, self.zero).reshape(self.shape)
+        """``(codes − zero) · scale`` in the input's shape and dtype: for a float32 input, the fake
+        quantizer's output bit for bit."""
+        return dequantize_codes(self.codes, self.scale, self.zero).reshape(self.shape).to(self.dtype)
 
 
 class IntegerInputTransform(nn.Module):
@@ -142,6 +142,9 @@ class IntegerInputTransform(nn.Module):
 
     ``forward(x)`` takes ``x`` ``(..., dim)`` and returns the ``ActivationCodes`` of
     ``transform(x)``: the rotated input rounded once, exactly as the fake quantizer rounds it.
+    The rotation and the rounding run in float32 whatever ``x``'s dtype (the rotations compute in
+    float32 anyway): a float32 model's codes are the fake-quant model's bit for bit, and a bf16
+    model's are those of its float32 rows, with no bf16 rounding in between.
     """
 
     def __init__(self, transform: InputTransform) -> None:
@@ -161,11 +164,11 @@ class IntegerInputTransform(nn.Module):
         return self.transform.rotation
 
     def forward(self, x: torch.Tensor) -> ActivationCodes:
-        rotated = self.transform.transform_input(x)
+        rows = as_dtype(x, torch.float32).reshape(-1, self.dim)
         quantizer = self.transform.act_quantizer
-        codes, scale, zero = quantizer.quantize(rotated.reshape(-1, self.dim))
+        codes, scale, zero = quantizer.quantize(self.transform.transform_input(rows))
         return ActivationCodes(codes.reshape(-1, self.dim), scale.reshape(-1, 1), zero.reshape(-1, 1),
-                               quantizer.bits, rotated.shape)
+                               quantizer.bits, x.shape, x.dtype)
 
 
 def integer_refusal(transform: InputTransform, folded: list[FoldedLinear] | None = None) -> str | None:
@@ -233,16 +236,23 @@ class IntegerLinear(nn.Module):
             grouped = shifted.reshape(self.out_features, self.groups, self.group_size)
             weight_sums = grouped.sum(-1, dtype=torch.int32).float()  # W_g, (out, groups)
             zero_shifted = zero - midpoints  # z'_w
-            # −z'_x ⊗ Σ_g s_w W_g, and (asymmetric grids) −(X_g − K_g z'_x) ⊗ s_w z'_w.
             self.register_buffer("scale", scale.contiguous())
             # Per-group views the GEMM reads (contiguous copies only where there are several groups).
             self._group_scales = [scale[:, g].contiguous() for g in range(self.groups)]
             self.register_buffer("_kernel_zero_points", torch.zeros(self.out_features, dtype=torch.int64,
                                                                     device=device), persistent=False)
-            self.register_buffer("zero_term", (scale * weight_sums).sum(1).contiguous())
-            asymmetric = bool(zero_shifted.abs().max() > 0)
-            self.register_buffer("asym_term", (scale * zero_shifted).T.contiguous() if asymmetric else None)
+            # The terms after s_w ⊙ A, over every token at once: y = s_x ⊙ (Σ_g s_w ⊙ A_g) + U C, with
+            # C's rows Σ_g s_w W_g, then the bias, then (asymmetric grids) s_w z'_w per group, and
+            # U's columns −s_x z'_x, 1, −s_x (X_g − K_g z'_x). One low-rank product, one pass over y.
+            corrections = [(scale * weight_sums).sum(1, keepdim=True).T]
             bias = [linear.bias for linear in folded]
+            self.has_bias = bias[0] is not None
+            if self.has_bias:
+                corrections.append(torch.cat(bias).float()[None])
+            self.asymmetric = bool(zero_shifted.abs().max() > 0)
+            if self.asymmetric:
+                corrections.append((scale * zero_shifted).T)
+            self.register_buffer("corrections", torch.cat(corrections).contiguous())
             self.register_buffer("bias", None if bias[0] is None else torch.cat(bias).float())
             self._packed: list[torch.Tensor] = []
             if self.backend == "onednn":
@@ -299,19 +309,18 @@ class IntegerLinear(nn.Module):
         if self.int4 is not None and acts.rows <= self.int4_rows_max:
             out = self.int4.forward_transformed(acts.dequantize())
         else:
-            out = self._products(acts)
-            scale, zero = acts.scale.float(), acts.zero.float()
-            zero_shifted = zero - 2 ** (acts.bits - 1)  # z'_x, (rows, 1)
-            out.addr_(zero_shifted[:, 0], self.zero_term, alpha=-1)
-            if self.asym_term is not None:
+            out = self._products(acts).mul_(acts.scale)
+            midpoint = 2 ** (acts.bits - 1)
+            zero_shifted = acts.zero - midpoint  # z'_x, (rows, 1)
+            factors = [-acts.scale * zero_shifted]
+            if self.has_bias:
+                factors.append(torch.ones_like(acts.scale))
+            if self.asymmetric:
                 # X_g − K_g z'_x per token and group, from the codes' own sums.
                 sums = acts.codes.reshape(acts.rows, self.groups, self.group_size).sum(-1, dtype=torch.int32)
-                centered = sums.float() - self.group_size * (2 ** (acts.bits - 1)) - self.group_size * zero_shifted
-                out.addmm_(centered, self.asym_term, alpha=-1)
-            out.mul_(scale)
-            if self.bias is not None:
-                out.add_(self.bias)
-            out = out.to(acts.dtype).reshape(*acts.shape[:-1], self.out_features)
+                factors.append(-acts.scale * (sums.float() - self.group_size * (midpoint + zero_shifted)))
+            out.addmm_(torch.cat(factors, dim=1), self.corrections)
+            out = as_dtype(out, acts.dtype).reshape(*acts.shape[:-1], self.out_features)
         if len(self.split_sizes) == 1:
             return out
         return out.split(self.split_sizes, dim=-1)
