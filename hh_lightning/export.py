@@ -475,7 +475,9 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
 
     Everything is written to a hidden sibling directory first and renamed
     into place at the end, so a crash never leaves a partial directory
-    under the final name.
+    under the final name. Bad arguments raise before anything is written:
+    ``TypeError`` for a wrong type, ``FileExistsError`` when ``directory`` is
+    a file, ``ValueError`` otherwise, each one line naming the argument.
     """
     check_type("model", model, nn.Module, "a transformers causal LM with folded HHDecoderBlocks")
     check_type("directory", directory, (str, os.PathLike), "a directory path")
