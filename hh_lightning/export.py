@@ -935,6 +935,11 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
     model = model.to(device).eval()
     if kernels == "int4" and not pack_while_reading:
         use_int4_kernels_(model)
+    head_module = model.get_output_embeddings()
+    if type(head_module) is nn.Linear:
+        from .kernels import RowsLinear
+
+        model.set_output_embeddings(RowsLinear.sharing(head_module))
     if kernels == "w4a4":
         from .integer import use_integer_kernels_
 

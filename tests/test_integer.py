@@ -20,6 +20,8 @@ from hh_lightning.quantizers import ActivationQuantizer, WeightQuantizer
 RUNNABLE_BACKENDS = sorted({resolve_backend("auto", torch.device("cpu")), "int_mm"})
 # Relative output error of the integer linear against the fake-quant one: float32 rounding only.
 FLOAT_ROUNDING = 2e-6
+# Exactness checks keep decoding rows on the integer path too (the int4 kernel computes in bf16).
+EVERY_ROW_INTEGER = IntegerKernelConfig(int4_rows_max=0)
 
 
 def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
@@ -52,7 +54,7 @@ def test_integer_linear_equals_the_fake_quant_linear(backend, a_bits, a_symmetri
     folded = [_folded(transform, width, w_bits=w_bits, w_symmetric=w_symmetric, group_size=group_size,
                       bias=bias, seed=index) for index, width in enumerate((40, 24))]
     x = torch.randn(3, 7, dim) * 3 + 0.5  # off-centre, so asymmetric zeros are far from the midpoint
-    stacked = IntegerLinear(IntegerInputTransform(transform), folded, IntegerKernelConfig(backend=backend))
+    stacked = IntegerLinear(IntegerInputTransform(transform), folded, IntegerKernelConfig(backend=backend, int4_rows_max=0))
     outputs = stacked(x)
     assert len(outputs) == 2
     for linear, output in zip(folded, outputs):
@@ -65,7 +67,7 @@ def test_integer_linear_equals_the_fake_quant_linear(backend, a_bits, a_symmetri
 def test_the_kernel_holds_the_codes_it_was_given(backend) -> None:
     transform = InputTransform(32, None, ActivationQuantizer(bits=4))
     folded = _folded(transform, 24, w_bits=4, w_symmetric=False, group_size=16, bias=False, seed=0)
-    linear = IntegerLinear(IntegerInputTransform(transform), [folded], IntegerKernelConfig(backend=backend))
+    linear = IntegerLinear(IntegerInputTransform(transform), [folded], IntegerKernelConfig(backend=backend, int4_rows_max=0))
     assert torch.equal(linear.codes().to(torch.int16) + 8, folded.codes.to(torch.int16))
     assert linear.weight_bytes() >= folded.codes.numel()
 
@@ -84,7 +86,7 @@ def test_int_mm_pads_shapes_its_rules_refuse(dim) -> None:
     """Inner and output sizes that are not multiples of 8, and fewer than 17 rows, still give the product."""
     transform = InputTransform(dim, None, ActivationQuantizer(bits=4))
     folded = _folded(transform, 13, w_bits=4, w_symmetric=True, group_size=None, bias=True, seed=1)
-    linear = IntegerLinear(IntegerInputTransform(transform), [folded], IntegerKernelConfig(backend="int_mm"))
+    linear = IntegerLinear(IntegerInputTransform(transform), [folded], IntegerKernelConfig(backend="int_mm", int4_rows_max=0))
     assert linear.weight_codes.shape[1] % 8 == 0 and linear.weight_codes.shape[2] % 8 == 0
     for rows in (1, 16, 40):
         x = torch.randn(rows, dim)
@@ -141,7 +143,7 @@ def saved_w4a4kv4(request, tmp_path_factory):
 
 def test_integer_model_logits_equal_the_fake_quant_model(saved_w4a4kv4) -> None:
     reference = load_quantized(saved_w4a4kv4)
-    integer = load_quantized(saved_w4a4kv4, kernels="w4a4")
+    integer = load_quantized(saved_w4a4kv4, kernels="w4a4", integer_config=EVERY_ROW_INTEGER)
     kinds = {type(module).__name__ for module in integer.modules()}
     assert "IntegerLinear" in kinds and "FoldedLinear" not in kinds
     tokens = torch.randint(0, reference.config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(3))
@@ -151,7 +153,7 @@ def test_integer_model_logits_equal_the_fake_quant_model(saved_w4a4kv4) -> None:
 
 def test_packed_kv_cache_decodes_as_the_fake_quant_cache(saved_w4a4kv4) -> None:
     reference = load_quantized(saved_w4a4kv4)
-    integer = load_quantized(saved_w4a4kv4, kernels="w4a4")
+    integer = load_quantized(saved_w4a4kv4, kernels="w4a4", integer_config=EVERY_ROW_INTEGER)
     prompt = torch.randint(0, reference.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         out = integer(prompt, use_cache=True)
