@@ -67,7 +67,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-SERVING_KERNELS = ("none", "int4")
+SERVING_KERNELS = ("none", "int4", "w4a4")
 SERVING_HEADS = ("fp", "int8")
 
 
@@ -140,9 +140,11 @@ class EvaluateConfig:
             ``cpu``, ``cuda`` or ``cuda:N``.
         model_dtype: dtype an FP model is loaded in (``float32``, ``bfloat16``, ``float16``); a saved
             hh_lightning model loads in the dtype it was saved in.
-        kernels: how a saved hh_lightning model runs its 4-bit linears: ``none`` dequantizes each weight
-            at every call (exact); ``int4`` uses packed-int4 matmuls (``kernels.py``: faster decoding,
-            bf16 compute, so about 1e-2 relative error on the logits, as the FP model run in bf16).
+        kernels: how a saved hh_lightning model runs its quantized linears: ``none`` dequantizes each
+            weight at every call (exact); ``int4`` uses packed-int4 weight-only matmuls (``kernels.py``:
+            faster decoding, bf16 compute, so about 1e-2 relative error on the logits, as the FP model
+            run in bf16); ``w4a4`` multiplies the activation codes by the weight codes in integers and
+            keeps a quantized KV cache packed (``integer.py``: the fake-quant logits to float rounding).
         head: how a saved hh_lightning model holds its embedding table and lm_head: ``fp`` as saved
             (16-bit); ``int8`` as per-row int8 codes, the lm_head through the int8 matmul (a quarter
             of their fp32 memory and a faster decoding step; an extra rounding, ``kernels.py``).
@@ -281,9 +283,11 @@ class GenerateConfig:
             ``cpu``, ``cuda`` or ``cuda:N``.
         model_dtype: dtype an FP model is loaded in (``float32``, ``bfloat16``, ``float16``); a saved
             hh_lightning model loads in the dtype it was saved in.
-        kernels: how a saved hh_lightning model runs its 4-bit linears: ``none`` dequantizes each weight
-            at every call (exact); ``int4`` uses packed-int4 matmuls (``kernels.py``: faster decoding,
-            bf16 compute, so about 1e-2 relative error on the logits, as the FP model run in bf16).
+        kernels: how a saved hh_lightning model runs its quantized linears: ``none`` dequantizes each
+            weight at every call (exact); ``int4`` uses packed-int4 weight-only matmuls (``kernels.py``:
+            faster decoding, bf16 compute, so about 1e-2 relative error on the logits, as the FP model
+            run in bf16); ``w4a4`` multiplies the activation codes by the weight codes in integers and
+            keeps a quantized KV cache packed (``integer.py``: the fake-quant logits to float rounding).
         head: how a saved hh_lightning model holds its embedding table and lm_head: ``fp`` as saved
             (16-bit); ``int8`` as per-row int8 codes, the lm_head through the int8 matmul (a quarter
             of their fp32 memory and a faster decoding step; an extra rounding, ``kernels.py``).

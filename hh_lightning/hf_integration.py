@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
+from transformers.quantizers import auto as auto_quantizers
 from transformers.quantizers.auto import (
     AUTO_QUANTIZATION_CONFIG_MAPPING,
     AUTO_QUANTIZER_MAPPING,
@@ -81,20 +82,30 @@ class HHLightningConfig(QuantizationConfigMixin):
         format_version: version of the on-disk format (``export.FORMAT_VERSION`` when saved).
         hh_lightning_version: the package version that saved it.
         metadata_file: the file holding the full description (per-layer bits, rotations, integrity records).
+        kernels: how the linears run, as ``load_quantized``'s ``kernels`` (``None``, ``int4`` or ``w4a4``).
+            A loading choice: ``from_pretrained(dir, quantization_config=HHLightningConfig(kernels="w4a4"))``
+            takes it (and ``head``) over the saved config's.
+        head: the embedding table and lm_head, as ``load_quantized``'s ``head`` (``fp`` or ``int8``).
         kwargs: the recipe summary (``SUMMARY_FIELDS``), kept as attributes for display.
     """
 
     def __init__(self, dtype: str = "float32", format_version: int | None = None,
                  hh_lightning_version: str | None = None, metadata_file: str = "quantization_config.json",
-                 **kwargs: Any) -> None:
+                 kernels: str | None = None, head: str = "fp", **kwargs: Any) -> None:
         kwargs.pop("quant_method", None)
         self.quant_method = QUANT_METHOD
         self.dtype = dtype
         self.format_version = format_version
         self.hh_lightning_version = hh_lightning_version
         self.metadata_file = metadata_file
+        self.kernels = kernels
+        self.head = head
         for name, value in kwargs.items():
             setattr(self, name, value)
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """The settings a ``quantization_config`` passed to ``from_pretrained`` overrides: how to serve, not what was saved."""
+        return {"kernels": self.kernels, "head": self.head}
 
 
 def _single_device(device_map: Any) -> str:
@@ -166,7 +177,9 @@ class HHLightningHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model: nn.Module, **_: Any) -> nn.Module:
         from .export import load_quantized
 
-        loaded = load_quantized(self.directory, device=self.device)
+        config = self.quantization_config
+        loaded = load_quantized(self.directory, device=self.device, kernels=getattr(config, "kernels", None),
+                                head=getattr(config, "head", "fp"))
         for name, child in loaded.named_children():
             setattr(model, name, child)
         # One config object for the model and its layers (each HHDecoderBlock reads it), as in load_quantized.
@@ -212,3 +225,7 @@ def register() -> None:
         register_quantization_config(QUANT_METHOD)(HHLightningConfig)
     if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
         register_quantizer(QUANT_METHOD)(HHLightningHfQuantizer)
+    # transformers merges a passed config's loading attributes only for the config types it lists.
+    if HHLightningConfig not in auto_quantizers.LOADING_ATTRIBUTES_CONFIG_TYPES:
+        auto_quantizers.LOADING_ATTRIBUTES_CONFIG_TYPES = (*auto_quantizers.LOADING_ATTRIBUTES_CONFIG_TYPES,
+                                                           HHLightningConfig)

@@ -67,6 +67,25 @@ def test_evaluate_with_int4_kernels_scores_the_kernel_model(models, tmp_path, ca
     assert not (tmp_path / "fp.json").exists()
 
 
+def test_evaluate_with_integer_kernels_gives_the_fake_quant_perplexity(models, tmp_path) -> None:
+    """``--kernels w4a4`` multiplies codes in integers: the perplexity is the dequantizing path's to 1e-4."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    from hh_lightning.integer import IntegerKernelConfig
+
+    tokens = tokenize_text(AutoTokenizer.from_pretrained(models["quantized"]), load_wikitext_text("test", WIKITEXT_DIR))
+    fake_quant = perplexity(load_quantized(models["quantized"]), tokens, SEQ_LEN, WINDOWS, progress=False)
+    every_row_integer = load_quantized(models["quantized"], kernels="w4a4",
+                                       integer_config=IntegerKernelConfig(int4_rows_max=0))
+    assert abs(perplexity(every_row_integer, tokens, SEQ_LEN, WINDOWS, progress=False).ppl / fake_quant.ppl - 1) < 1e-4
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every tiny W4A4KV4 linear takes the integer path: nothing falls back
+        record = _evaluate(models["quantized"], tmp_path / "w4a4.json", "--kernels", "w4a4")
+    assert abs(record["result"]["ppl"] / fake_quant.ppl - 1) < 1e-4
+
+
 def test_evaluate_with_an_int8_head_scores_the_int8_head_model(models, tmp_path, capsys) -> None:
     from transformers import AutoTokenizer
 

@@ -160,3 +160,24 @@ def test_device_map_names_one_device() -> None:
         _single_device({"model": "cpu", "lm_head": "cuda:0"})
     with pytest.raises(ValueError, match="offloaded"):
         _single_device("disk")
+
+
+def test_from_pretrained_takes_the_serving_kernels_as_a_loading_attribute(export) -> None:
+    """``quantization_config=HHLightningConfig(kernels=...)`` serves as ``load_quantized(kernels=...)`` does."""
+    from transformers import AutoModelForCausalLM
+
+    from hh_lightning.hf_integration import HHLightningConfig
+
+    # The W4A4 export on integer codes; the HQQ W3 one (no 4-bit grid) with an int8 head.
+    kernels, head, served_by = (("w4a4", "fp", "IntegerLinear") if export.parent.name.startswith("w4a4")
+                                else (None, "int8", "Int8Linear"))
+    reference = load_quantized(export, kernels=kernels, head=head)
+    with pytest.warns(UserWarning, match="loading attributes"):
+        model = AutoModelForCausalLM.from_pretrained(export, quantization_config=HHLightningConfig(kernels=kernels,
+                                                                                                   head=head))
+    served = {type(module).__name__ for module in model.modules()}
+    assert served == {type(module).__name__ for module in reference.modules()} and served_by in served
+    tokens = _tokens(reference.config.vocab_size)
+    assert torch.equal(_logits(model, tokens), _logits(reference, tokens))
+    with pytest.raises(ValueError, match="kernels"):
+        AutoModelForCausalLM.from_pretrained(export, quantization_config=HHLightningConfig(kernels="int3"))
