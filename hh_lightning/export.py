@@ -88,8 +88,10 @@ FORMAT_NAME = "hh_lightning"
 # 2: rotation structures (``rotation_structure``, per-rotation ``spec``); embeddings and norms in a
 # storage dtype. 3: the ``files`` record also covers config.json (and generation_config.json), and
 # ``quantization_config.json`` carries the sha256 of its own content. 4: the ``files`` record covers
-# every file the export holds, the tokenizer's and its chat template included. Versions 1-3 still load.
-FORMAT_VERSION = 4
+# every file the export holds, the tokenizer's and its chat template included. 5: ``head`` says how the
+# embedding table and lm_head are stored (``fp``: 16-bit weights; ``int8``: per-row int8 ``codes`` and
+# float32 ``scale``). Versions 1-4 still load.
+FORMAT_VERSION = 5
 WEIGHTS_NAME = "model.safetensors"
 QUANT_CONFIG_NAME = "quantization_config.json"
 # Files whose size and sha256 every export of format 3 and later records; format 4 records every other
@@ -373,12 +375,39 @@ def _read_safetensors_header(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------
 # Save
 # --------------------------------------------------------------------------
-def _collect_tensors(model: nn.Module, blocks: dict[str, HHDecoderBlock], storage_dtype: torch.dtype
-                     ) -> tuple[dict[str, torch.Tensor], dict[str, str], list[dict[str, Any]]]:
+def _head_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``{state-dict prefix: module}`` of the embedding table and (when present) the lm_head."""
+    names = {module: name for name, module in model.named_modules()}
+    modules = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return {names[module]: module for module in modules if module is not None}
+
+
+def _int8_head_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``{prefix.codes, prefix.scale}`` of the embedding table and lm_head as per-row int8 (``kernels.int8_rows``);
+    a tied pair shares one set (the same tensors under both names)."""
+    from .kernels import int8_rows
+
+    state: dict[str, torch.Tensor] = {}
+    done: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for prefix, module in _head_modules(model).items():
+        if getattr(module, "bias", None) is not None:
+            raise ValueError(f"head='int8' takes a bias-free lm_head; {prefix} has a bias")
+        weight = module.weight
+        key = id(weight)
+        if key not in done:
+            done[key] = int8_rows(weight.detach())
+        state[f"{prefix}.codes"], state[f"{prefix}.scale"] = done[key]
+    return state
+
+
+def _collect_tensors(model: nn.Module, blocks: dict[str, HHDecoderBlock], storage_dtype: torch.dtype,
+                     head: str = "fp") -> tuple[dict[str, torch.Tensor], dict[str, str], list[dict[str, Any]]]:
     """The tensors to write, the aliases, and per-layer metadata.
 
     Float tensors outside the decoder blocks (embeddings, lm_head, the final
     norm) are stored in ``storage_dtype``; the blocks' own tensors keep theirs.
+    ``head='int8'``: the embedding table and lm_head as per-row int8 codes and
+    float32 scales instead (``_int8_head_state``).
     """
     folded = {f"{prefix}.linears.{name}": module for prefix, block in blocks.items()
               for name, module in block.linears.items()}
@@ -387,6 +416,10 @@ def _collect_tensors(model: nn.Module, blocks: dict[str, HHDecoderBlock], storag
         rebuilt |= _rebuilt_keys(prefix, block)
 
     state = model.state_dict()
+    if head == "int8":
+        head_weights = {f"{prefix}.weight" for prefix in _head_modules(model)}
+        state = {**{key: value for key, value in state.items() if key not in head_weights},
+                 **_int8_head_state(model)}
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_of: dict[tuple[Any, ...], str] = {}
@@ -405,6 +438,8 @@ def _collect_tensors(model: nn.Module, blocks: dict[str, HHDecoderBlock], storag
             value = pack_codes(value.cpu(), module.bits)
         elif module is not None and leaf in ("scale", "zero"):
             value = _compact(value)
+        elif key.endswith(".scale") and head == "int8" and key.rpartition(".")[0] in _head_modules(model):
+            pass  # the int8 rows' float32 scales: kept exact
         elif value.is_floating_point() and not any(key.startswith(f"{prefix}.") for prefix in blocks):
             value = _sixteen_bit(value, storage_dtype)
         elif _ROTATION_KEY.search(key) and (exact := _exact_sixteen_bit(value)) is not None:
@@ -462,7 +497,7 @@ def _add_transformers_entries(config_path: Path, quant: dict[str, Any], dtype: t
 
 def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer: Any = None,
                    extra_metadata: dict[str, Any] | None = None,
-                   storage_dtype: torch.dtype | None = None) -> Path:
+                   storage_dtype: torch.dtype | None = None, head: str = "fp") -> Path:
     """Write a folded model to ``directory`` (replacing it atomically); returns its path.
 
     ``model``: a transformers causal LM (Qwen2/Llama) whose every decoder
@@ -471,7 +506,10 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
     under ``"extra"`` in ``quantization_config.json``. ``storage_dtype``: the
     16-bit dtype of the embeddings, lm_head and final norm where neither bf16
     nor fp16 holds them exactly (default ``model_storage_dtype(model.config)``);
-    the loader casts them back to the model's dtype.
+    the loader casts them back to the model's dtype. ``head``: ``fp`` stores the
+    embedding table and lm_head as 16-bit weights; ``int8`` as per-row int8 codes
+    with a float32 scale a row (a bias-free lm_head; tied tables stored once), so
+    the file holds what ``load_quantized(head="int8")`` serves.
 
     Everything is written to a hidden sibling directory first and renamed
     into place at the end, so a crash never leaves a partial directory
@@ -486,6 +524,8 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
                         f"got {type(tokenizer).__name__}")
     if extra_metadata is not None:
         check_type("extra_metadata", extra_metadata, dict, "a dict of JSON values")
+    if head not in STORED_HEADS:
+        raise ValueError(f"head={head!r} is not one of {STORED_HEADS}")
     if storage_dtype is not None and storage_dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"storage_dtype={storage_dtype!r} must be torch.float16 or torch.bfloat16 (or None)")
     # abspath, not resolve: "." gets a real name, and a symlink is refused rather than followed.
@@ -501,7 +541,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
         raise ValueError(f"extra_metadata must be JSON-serializable: {error}") from None
 
     storage_dtype = storage_dtype or model_storage_dtype(model.config)
-    tensors, aliases, layers_meta = _collect_tensors(model, blocks, storage_dtype)
+    tensors, aliases, layers_meta = _collect_tensors(model, blocks, storage_dtype, head)
     first_block = next(iter(blocks.values()))
     global_quant = first_block.quant.to_dict()
     for entry, block in zip(layers_meta, blocks.values()):
@@ -530,6 +570,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, *, tokenizer:
             "model_type": model.config.model_type,
             "dtype": _dtype_name(embedding.dtype),
             "storage_dtype": _dtype_name(storage_dtype),
+            "head": head,
             "block_quant_config": global_quant,
             "layers": layers_meta,
             "aliases": aliases,
@@ -766,39 +807,61 @@ def _return_freed_memory() -> None:
 
 LOAD_KERNELS = (None, "int4", "w4a4")
 LOAD_HEADS = ("fp", "int8")
+# How save_quantized stores the embedding table and lm_head.
+STORED_HEADS = ("fp", "int8")
 # Tensors larger than this are read in row chunks of about this size (_TensorReader.read).
 LOAD_CHUNK_BYTES = 32 * 2**20
 
 
-def _int8_head_(model: nn.Module, reader: _TensorReader, dtype: torch.dtype) -> set[str]:
-    """Replace ``model``'s embedding table and ``lm_head`` by ``Int8Embedding`` / ``Int8Linear`` (one set of
-    int8 rows when they are tied), quantized chunk by chunk as they are read, so the 16-bit table is
-    never whole in memory. Returns the state-dict keys now set."""
-    from .kernels import Int8Embedding, Int8Linear, int8_rows
+def _head_from_file_(model: nn.Module, reader: _TensorReader, dtype: torch.dtype, stored: str, served: str
+                     ) -> set[str]:
+    """Set ``model``'s embedding table and ``lm_head`` from the file when either side is int8; returns the
+    state-dict keys now set.
+
+    ``stored``: how the export holds them (``fp`` 16-bit weights, ``int8`` codes and scales). ``served``:
+    ``int8`` makes them ``Int8Embedding`` / ``Int8Linear`` (one set of rows when tied): stored codes as
+    they are, 16-bit weights quantized chunk by chunk as they are read, so the table is never whole in
+    16 bits in memory. ``fp`` from stored int8 rows: the weights ``codes · scale`` in ``dtype``.
+    """
+    from .kernels import Int8Embedding, Int8Linear, RowsLinear, int8_rows
 
     names = {module: name for name, module in model.named_modules()}
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     rows: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def int8_of(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        key = reader.canonical(f"{names[module]}.weight")
+        leaf = "codes" if stored == "int8" else "weight"
+        key = reader.canonical(f"{names[module]}.{leaf}")
         if key not in rows:
             if key not in reader.stored:
                 raise ValueError(f"{reader.path}: {key} is not in the file")
-            codes = torch.empty(module.weight.shape, dtype=torch.int8)
-            scale = torch.empty(module.weight.shape[0])
-            for start, chunk in reader.read_rows(key):
-                codes[start:start + chunk.shape[0]], scale[start:start + chunk.shape[0]] = int8_rows(chunk)
-            rows[key] = codes, scale
+            if stored == "int8":
+                rows[key] = reader.read(key), reader.read(reader.canonical(f"{names[module]}.scale"))
+            else:
+                codes = torch.empty(module.weight.shape, dtype=torch.int8)
+                scale = torch.empty(module.weight.shape[0])
+                for start, chunk in reader.read_rows(key):
+                    codes[start:start + chunk.shape[0]], scale[start:start + chunk.shape[0]] = int8_rows(chunk)
+                rows[key] = codes, scale
         return rows[key]
 
-    model.set_input_embeddings(Int8Embedding(*int8_of(embedding), dtype=dtype))
-    if head is not None:
-        if getattr(head, "bias", None) is not None:
-            raise ValueError(f"head='int8' takes a bias-free lm_head; {names[head]} has a bias")
-        model.set_output_embeddings(Int8Linear(*int8_of(head)))
+    if head is not None and getattr(head, "bias", None) is not None:
+        raise ValueError(f"head='int8' takes a bias-free lm_head; {names[head]} has a bias")
     prefixes = (names[embedding], *(() if head is None else (names[head],)))
-    return {key for key in model.state_dict() if key.rsplit(".", 1)[0] in prefixes}
+    if served == "int8":
+        model.set_input_embeddings(Int8Embedding(*int8_of(embedding), dtype=dtype))
+        if head is not None:
+            model.set_output_embeddings(Int8Linear(*int8_of(head)))
+        return {key for key in model.state_dict() if key.rsplit(".", 1)[0] in prefixes}
+    weights: dict[int, nn.Parameter] = {}
+    for module in (embedding, *(() if head is None else (head,))):
+        codes, scale = int8_of(module)
+        if id(codes) not in weights:  # tied: one parameter for both
+            weights[id(codes)] = nn.Parameter((codes.float() * scale[:, None]).to(dtype), requires_grad=False)
+        module.weight = weights[id(codes)]
+    if head is not None and type(head) is nn.Linear:
+        model.set_output_embeddings(RowsLinear.sharing(head))
+    return {f"{prefix}.weight" for prefix in prefixes}
 
 
 def load_quantized(directory: str | os.PathLike, *, device: str | torch.device = "cpu",
@@ -889,8 +952,9 @@ def load_quantized(directory: str | os.PathLike, *, device: str | torch.device =
         placed |= {f"{prefix}.fused_linears.{group}.{leaf}" for group, fused in block.fused_linears.items()
                    for leaf in fused._buffers}
 
-    if head == "int8":
-        placed |= _int8_head_(model, reader, dtype)
+    stored_head = meta.get("head", "fp")
+    if "int8" in (head, stored_head):
+        placed |= _head_from_file_(model, reader, dtype, stored_head, head)
         _return_freed_memory()
     # Every other tensor: from the file (cast once to the model's dtype; tied names share one
     # tensor), else rebuilt by the block itself, else (the norms' γ = 1) ones.

@@ -40,6 +40,7 @@ from .callbacks import (
 )
 from .datamodule import BlockActivationDataModule
 from .evaluation import perplexity
+from .export import STORED_HEADS
 from .files import (
     check_writable_directory,
     directory_lock,
@@ -103,6 +104,9 @@ class PipelineConfig:
         eval_fp: also score the full-precision model.
         export: save the packed quantized model (needs every layer quantized).
         export_dir: where it is saved (default ``run_dir/quantized``).
+        export_head: how the export stores the embedding table and lm_head: ``int8`` (per-row int8
+            codes and a float32 scale a row, what ``load_quantized(head="int8")`` serves) or ``fp``
+            (16-bit weights). At a large vocabulary these tables are most of the file.
         keep_checkpoints: keep each layer's Lightning checkpoints after its
             artifact is written and verified (for debugging); by default they
             are deleted then, since the artifact is all a rerun needs.
@@ -118,6 +122,7 @@ class PipelineConfig:
     eval_fp: bool = True
     export: bool = True
     export_dir: str | None = None
+    export_head: str = "int8"
     keep_checkpoints: bool = False
 
 
@@ -242,6 +247,8 @@ class QuantizationRun:
                 raise ValueError(f"pipeline.{name}={value} must be >= 1 (or null for all)")
         if pipeline.eval_split not in WIKITEXT_SPLITS:
             raise ValueError(f"pipeline.eval_split={pipeline.eval_split!r} is not one of {sorted(WIKITEXT_SPLITS)}")
+        if pipeline.export_head not in STORED_HEADS:
+            raise ValueError(f"pipeline.export_head={pipeline.export_head!r} is not one of {STORED_HEADS}")
         self.check_trainer()
         self.recipe.optim.validate()
         self.datamodule.check_sources(eval_splits=[pipeline.eval_split])
@@ -564,7 +571,7 @@ class QuantizationRun:
     def _export(self, model: torch.nn.Module, directory: Path) -> Path:
         from .export import save_quantized
 
-        saved = save_quantized(model, directory, tokenizer=self.datamodule.tokenizer)
+        saved = save_quantized(model, directory, tokenizer=self.datamodule.tokenizer, head=self.pipeline.export_head)
         # Only now, with a complete export in place, drop what a killed export left (its staging
         # directory, or the previous export renamed aside); the run_dir lock keeps other exports out.
         for path in remove_leftovers(saved.parent, saved.name, ".tmp-", ".old-"):

@@ -152,6 +152,7 @@ BAD_API_ARGUMENTS = {
     ("save_quantized", "storage_dtype"): [
         ("fp32", lambda tmp, inputs: {"storage_dtype": torch.float32}, ValueError, "storage_dtype="),
     ],
+    ("save_quantized", "head"): [("unknown", lambda tmp, inputs: {"head": "int4"}, ValueError, "head=")],
 }
 CASES = [(function, parameter, case[0]) for (function, parameter), cases in BAD_API_ARGUMENTS.items()
          for case in cases]

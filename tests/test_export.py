@@ -365,3 +365,37 @@ def test_save_replaces_directory_and_a_failed_save_keeps_the_old_one(tmp_path) -
     assert json.loads((target / QUANT_CONFIG_NAME).read_text())["extra"] == {"run": 2}
     tokens = torch.randint(0, 128, (1, 9))
     assert torch.allclose(_logits(load_quantized(target), tokens), _logits(model, tokens), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])  # tied and untied tables
+def test_an_int8_head_is_stored_as_the_rows_the_int8_loader_serves(model_type, tmp_path) -> None:
+    """``save_quantized(head="int8")``: the file holds per-row int8 codes and float32 scales (one set
+    when tied), loads to the same int8 modules and logits as ``head="int8"`` on a 16-bit export, and
+    loads as float weights ``codes · scale`` with ``head="fp"``."""
+    from hh_lightning.kernels import Int8Embedding, Int8Linear, int8_rows
+
+    model = _w4a4_model(model_type)
+    tied = model.config.tie_word_embeddings
+    sixteen = save_quantized(model, tmp_path / "fp")
+    int8 = save_quantized(model, tmp_path / "int8", head="int8")
+    stored = _stored_tensors(int8)
+    assert not any(key.endswith(("embed_tokens.weight", "lm_head.weight")) for key in stored)
+    codes, scale = int8_rows(model.model.embed_tokens.weight.detach())
+    assert torch.equal(stored["model.embed_tokens.codes"], codes) and torch.equal(stored["model.embed_tokens.scale"], scale)
+    assert ("lm_head.codes" in stored) != tied
+    assert json.loads((int8 / QUANT_CONFIG_NAME).read_text())["head"] == "int8"
+    table = model.model.embed_tokens.weight.numel()
+    saved_bytes = export_size(sixteen)["by_kind"]["embeddings"] - export_size(int8)["by_kind"]["embeddings"]
+    assert saved_bytes == (1 if tied else 2) * (table - 4 * model.config.vocab_size)  # 2 -> 1 byte, + fp32 scales
+
+    tokens = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(5))
+    from_codes, from_weights = load_quantized(int8, head="int8"), load_quantized(sixteen, head="int8")
+    assert isinstance(from_codes.model.embed_tokens, Int8Embedding) and isinstance(from_codes.lm_head, Int8Linear)
+    assert torch.equal(_logits(from_codes, tokens), _logits(from_weights, tokens))
+    as_float = load_quantized(int8)
+    expected = codes.float() * scale[:, None]
+    assert torch.equal(as_float.model.embed_tokens.weight, expected)
+    assert (as_float.lm_head.weight is as_float.model.embed_tokens.weight) == tied
+    # Float32 products of the same rows: the int8 head's logits to its bf16 compute.
+    assert float((_logits(as_float, tokens) - _logits(from_codes, tokens)).norm()
+                 / _logits(as_float, tokens).norm()) < 2e-2

@@ -262,7 +262,7 @@ BAD_FIELD_VALUES = {
         allow_generated_fallback="maybe", device="gpu9", model_dtype="float64", verify_cache="maybe").items()},
     **{f"pipeline.{name}": value for name, value in dict(
         layers=[-1], layer_parallel="maybe", statistics_samples=0, eval_split="train2", eval_seq_len=1,
-        eval_windows=-4, eval_fp="maybe", export="maybe", keep_checkpoints="maybe").items()},
+        eval_windows=-4, eval_fp="maybe", export="maybe", export_head="int3", keep_checkpoints="maybe").items()},
 }
 PATH_FIELDS = {"data.model", "data.gguf_file", "data.calibration", "data.data_dir", "data.cache_dir",
                "pipeline.run_dir", "pipeline.export_dir"}
