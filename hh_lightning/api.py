@@ -34,7 +34,7 @@ def quantize(model: str | os.PathLike | nn.Module, recipe: str | os.PathLike, *,
     or model path, ``ValueError`` for any other bad value (never ``SystemExit``).
     """
     from .cli import main, quantization_run
-    from .export import load_quantized
+    from .loading import load_quantized
 
     check_type("model", model, (str, os.PathLike, nn.Module), "a model path, a hub id or a loaded causal LM")
     loaded = isinstance(model, nn.Module)

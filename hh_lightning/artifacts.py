@@ -20,8 +20,9 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from .block import HHDecoderBlock
-from .export import pack_block_codes_, unpack_block_codes_
+from .export_format import pack_codes, unpack_codes
 from .files import atomic_write_path, file_record, verify_file_record, write_json_atomic
+from .linear import FoldedLinear
 from .module import HHBlockModule, block_mse
 
 log = logging.getLogger(__name__)
@@ -31,6 +32,22 @@ def artifact_paths(directory: Path, layer_index: int) -> tuple[Path, Path]:
     """``(weights, metadata)`` paths of a layer's folded artifact."""
     stem = directory / f"layer_{layer_index:03d}"
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+
+
+def pack_block_codes_(block: HHDecoderBlock) -> HHDecoderBlock:
+    """Replace every folded linear's codes by their packed 1-D bytes (in place), e.g. before saving."""
+    for module in block.linears.values():
+        if isinstance(module, FoldedLinear) and module.codes is not None and module.codes.dim() == 2:
+            module.codes = pack_codes(module.codes, module.bits)
+    return block
+
+
+def unpack_block_codes_(block: HHDecoderBlock) -> HHDecoderBlock:
+    """Inverse of ``pack_block_codes_``: codes back to ``(out, in)`` uint8 (in place)."""
+    for module in block.linears.values():
+        if isinstance(module, FoldedLinear) and module.codes is not None and module.codes.dim() == 1:
+            module.codes = unpack_codes(module.codes, module.bits, (module.out_features, module.in_features))
+    return block
 
 
 def write_layer_artifact(folded_block: HHDecoderBlock, directory: Path, metrics: dict[str, Any]) -> Path:

@@ -369,7 +369,7 @@ class HHDecoderBlock(nn.Module):
         self._statistics: dict[str, list[torch.Tensor]] | None = None
         self.rotation_bypass = False  # set by rotations_disabled(); not a setting
         # Rotations, smoothing and quantizer parameters are created on the CPU; join the layer's device,
-        # or own_device: export.load_quantized wraps a meta layer (copied weights are placeholders it
+        # or own_device: loading.load_quantized wraps a meta layer (copied weights are placeholders it
         # replaces) and keeps what the block builds itself on the CPU.
         if own_device is None:
             self.to(attn.q_proj.weight.device)

@@ -31,12 +31,12 @@ from .datamodule import BlockActivationDataModule
 from .errors import (
     INPUT_ERRORS,
     REFUSED_ERRORS,
-    DirectoryLocked,
     check_config_files,
     one_line,
     parser_error,
     refuse,
 )
+from .files import DirectoryLocked
 from .module import HHBlockModule, LayerRecipe
 from .parallel import WorkerInfo, launcher_worker
 from .pipeline import PipelineConfig, QuantizationRun, RunInterrupted, check_trainer_devices

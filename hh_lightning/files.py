@@ -20,10 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import DirectoryLocked
-
 HASH_CHUNK_BYTES = 1 << 22
 LOCK_NAME = ".lock"
+
+
+# Here rather than in errors.py, which re-exports it: errors.py checks text files with this module, so
+# this module imports nothing of the package.
+class DirectoryLocked(RuntimeError):
+    """Another live process holds the lock of a directory."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:

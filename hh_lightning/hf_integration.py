@@ -21,15 +21,17 @@ loads its quantizers), ``HHLightningHfQuantizer``:
 2. takes every module with weights out of the skeleton transformers builds, so
    transformers reads only the safetensors header and initializes nothing
    (``_process_model_before_weight_loading``),
-3. then loads the export with ``export.load_quantized`` (every integrity check
+3. then loads the export with ``loading.load_quantized`` (every integrity check
    included) and moves its modules, config and generation config into the
    model transformers returns (``_process_model_after_weight_loading``).
 
 So ``from_pretrained(dir)`` computes exactly what ``load_quantized(dir)`` does;
 ``generate()``, pipelines and tools built on ``from_pretrained`` work on it.
-This module imports only transformers' quantizer and config modules at import
+This module imports only transformers' quantizer and config modules, and the
+format's names (``export_format``: torch and the standard library), at import
 time, so the registration can run while transformers is still importing
-``modeling_utils``; everything else is imported when a model is loaded.
+``modeling_utils``; the loader, which builds transformers models, is imported
+when a model is loaded.
 """
 
 from __future__ import annotations
@@ -49,29 +51,16 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .export_format import (
+    LOAD_GUARD,
+    LOAD_GUARD_KEY,
+    QUANT_CONFIG_NAME,
+    QUANT_METHOD,
+    transformers_config_entries,
+)
+
 __all__ = ["LOAD_GUARD", "LOAD_GUARD_KEY", "QUANT_METHOD", "HHLightningConfig", "HHLightningHfQuantizer",
            "register", "transformers_config_entries"]
-
-QUANT_METHOD = "hh_lightning"
-# The config.json key transformers takes as the weights file name; a value that is not a ``*.safetensors`` name makes
-# it raise a ValueError quoting the value, before it reads any weight.
-LOAD_GUARD_KEY = "transformers_weights"
-LOAD_GUARD = ("saved by hh_lightning: run `import hh_lightning` before from_pretrained (pip install hh_lightning); "
-              "without it transformers would load random weights")
-# BlockQuantConfig fields copied into config.json's quantization_config, for people and tools reading it.
-SUMMARY_FIELDS = ("w_bits", "w_group_size", "w_symmetric", "a_bits", "kv_bits", "rotation_structure")
-
-
-def transformers_config_entries(meta: dict[str, Any]) -> dict[str, Any]:
-    """The keys ``save_quantized`` adds to ``config.json``, from the ``quantization_config.json`` content ``meta``."""
-    quant = meta["block_quant_config"]
-    summary = {name: quant[name] for name in SUMMARY_FIELDS if name in quant}
-    return {
-        "quantization_config": {"quant_method": QUANT_METHOD, "format_version": meta["format_version"],
-                                "hh_lightning_version": meta["hh_lightning_version"], "dtype": meta["dtype"],
-                                "metadata_file": "quantization_config.json", **summary},
-        LOAD_GUARD_KEY: LOAD_GUARD,
-    }
 
 
 class HHLightningConfig(QuantizationConfigMixin):
@@ -79,14 +68,14 @@ class HHLightningConfig(QuantizationConfigMixin):
 
     Args:
         dtype: the dtype the model was saved in and is loaded in (``float32``, ``bfloat16``, ``float16``).
-        format_version: version of the on-disk format (``export.FORMAT_VERSION`` when saved).
+        format_version: version of the on-disk format (``export_format.FORMAT_VERSION`` when saved).
         hh_lightning_version: the package version that saved it.
         metadata_file: the file holding the full description (per-layer bits, rotations, integrity records).
         kernels: how the linears run, as ``load_quantized``'s ``kernels`` (``None``, ``int4`` or ``w4a4``).
             A loading choice: ``from_pretrained(dir, quantization_config=HHLightningConfig(kernels="w4a4"))``
             takes it (and ``head``) over the saved config's.
         head: the embedding table and lm_head, as ``load_quantized``'s ``head`` (``fp`` or ``int8``).
-        kwargs: the recipe summary (``SUMMARY_FIELDS``), kept as attributes for display.
+        kwargs: the recipe summary (``export_format.SUMMARY_FIELDS``), kept as attributes for display.
     """
 
     def __init__(self, dtype: str = "float32", format_version: int | None = None,
@@ -175,7 +164,7 @@ class HHLightningHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **_: Any) -> nn.Module:
-        from .export import load_quantized
+        from .loading import load_quantized
 
         config = self.quantization_config
         loaded = load_quantized(self.directory, device=self.device, kernels=getattr(config, "kernels", None),
@@ -206,8 +195,6 @@ class HHLightningHfQuantizer(HfQuantizer):
 
 def _export_directory(model: nn.Module, checkpoint_files: list[str] | None) -> Path:
     """The directory of the export being loaded: the one holding its weights (a hub repo's snapshot directory)."""
-    from .export import QUANT_CONFIG_NAME
-
     if not checkpoint_files:
         raise ValueError("hh_lightning: from_pretrained found no weights file for this model")
     directory = Path(checkpoint_files[0]).parent

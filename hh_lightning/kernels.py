@@ -43,6 +43,7 @@ about as much as the product.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
@@ -50,8 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .block import SIBLINGS, HHDecoderBlock
+from .export_format import compact_grid
 from .linear import FoldedLinear, InputTransform
-from .quantizers import dequantize_codes
+from .quantizers import OFF_BITS, ActivationQuantizer, dequantize_codes
 from .rotation import as_dtype
 
 __all__ = ["KERNEL_BITS", "KERNEL_GROUP_SIZES", "FusedInt4Linear", "Int4Layout", "Int4LayoutError", "Int4Linear",
@@ -232,11 +235,9 @@ class Int4Linear(nn.Module):
         self.register_buffer("out_scale", layout.out_scale)
         self.register_buffer("bias", bias)
         # The exact grid in its smallest lossless dtype (as the export stores it), cast back on use.
-        from .export import _compact
-
         self.grid_dtypes = (scale.dtype, zero.dtype)
-        self.register_buffer("scale", _compact(scale).to(scale.device))
-        self.register_buffer("zero", _compact(zero).to(zero.device))
+        self.register_buffer("scale", compact_grid(scale).to(scale.device))
+        self.register_buffer("zero", compact_grid(zero).to(zero.device))
 
     @classmethod
     def from_folded(cls, folded: FoldedLinear,
@@ -475,8 +476,6 @@ def use_int4_kernels_(model: nn.Module, compute_dtype: torch.dtype = DEFAULT_COM
     (q/k/v, gate/up) as one ``FusedInt4Linear`` where ``fuse_refusal`` allows. Grids the kernel
     cannot take stay dequantizing, with a warning naming the linear and the reason. ``prefix``:
     prepended to the names in the report and warnings. Returns the ``KernelReport``."""
-    from .block import SIBLINGS, HHDecoderBlock
-
     report = KernelReport()
     blocks = [(".".join(filter(None, (prefix, name))), module) for name, module in model.named_modules()
               if isinstance(module, HHDecoderBlock)]
@@ -511,11 +510,6 @@ def use_int4_kernels_(model: nn.Module, compute_dtype: torch.dtype = DEFAULT_COM
 def serve_weight_only_(model: nn.Module) -> nn.Module:
     """Serve a W4A4 (or WxAyKVz) folded model as W·A16: every activation and KV-cache quantizer
     off, rotations and smoothing kept online; in place, returns the model."""
-    import dataclasses
-
-    from .block import HHDecoderBlock
-    from .quantizers import OFF_BITS, ActivationQuantizer
-
     for module in model.modules():
         if isinstance(module, InputTransform):
             module.act_quantizer = ActivationQuantizer(bits=OFF_BITS)

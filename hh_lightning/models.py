@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from .errors import one_line
+from .export_format import QUANT_CONFIG_NAME
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +112,6 @@ def check_model_path(source: str, gguf_file: str | None = None) -> tuple[Path, s
 
 def is_saved_quantized(source: str | os.PathLike) -> bool:
     """Whether ``source`` is a directory written by ``export.save_quantized``."""
-    from .export import QUANT_CONFIG_NAME
-
     return (Path(source).expanduser() / QUANT_CONFIG_NAME).is_file()
 
 

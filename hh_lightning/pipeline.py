@@ -40,7 +40,7 @@ from .callbacks import (
 )
 from .datamodule import BlockActivationDataModule
 from .evaluation import perplexity
-from .export import STORED_HEADS
+from .export_format import STORED_HEADS
 from .files import (
     check_writable_directory,
     directory_lock,
@@ -556,7 +556,8 @@ class QuantizationRun:
         if pipeline.export and not all_layers:
             log.warning("not exporting: pipeline.layers quantizes only %d layers", len(self.layers))
         elif pipeline.export:
-            from .export import export_size, load_quantized
+            from .export import export_size
+            from .loading import load_quantized
 
             export_dir = Path(pipeline.export_dir) if pipeline.export_dir else self.run_dir / "quantized"
             results["export_dir"] = str(self._export(quantized, export_dir))

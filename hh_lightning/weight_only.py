@@ -6,7 +6,7 @@ activations and the KV cache stay in full precision. With ``rotate=True`` the
 HQQ solve runs on the rotated weight ``W̃ = (W · diag(c)) R`` and the online
 rotations stay in the model, so a rotation that flattens weight outliers can
 help the weight grid too. The result is an ordinary folded model: it saves and
-loads through ``export.save_quantized`` / ``export.load_quantized``.
+loads through ``export.save_quantized`` / ``loading.load_quantized``.
 """
 
 from __future__ import annotations

@@ -181,11 +181,11 @@ def test_load_builds_on_meta_and_folds_nothing(saved, monkeypatch) -> None:
 
 def test_reading_large_tensors_in_chunks_changes_nothing(saved, monkeypatch) -> None:
     """With a chunk size below every embedding, the chunked read gives the whole-tensor read's model."""
-    import hh_lightning.export as export
+    import hh_lightning.loading as loading
 
     _, directory = saved
     whole = load_quantized(directory).state_dict()
-    monkeypatch.setattr(export, "LOAD_CHUNK_BYTES", 1000)  # a few rows of the tiny embeddings
+    monkeypatch.setattr(loading, "LOAD_CHUNK_BYTES", 1000)  # a few rows of the tiny embeddings
     chunked = load_quantized(directory).state_dict()
     assert whole.keys() == chunked.keys()
     assert all(chunked[key].dtype == whole[key].dtype and torch.equal(chunked[key], whole[key]) for key in whole)

@@ -255,7 +255,7 @@ def test_int8_head_modules_match_their_dequantized_rows(compute_dtype, tolerance
 
 @pytest.mark.parametrize("model_type,tied", [("qwen2", True), ("llama", False)])
 def test_load_quantized_with_an_int8_head(model_type, tied, tmp_path, monkeypatch) -> None:
-    import hh_lightning.export as export
+    import hh_lightning.loading as loading
 
     model = quantize_weights_hqq(tiny_model(model_type, tie_word_embeddings=tied, **SIZES), group_size=64)
     directory = save_quantized(model, tmp_path / "w4")
@@ -271,7 +271,7 @@ def test_load_quantized_with_an_int8_head(model_type, tied, tmp_path, monkeypatc
     with torch.no_grad():
         assert _relative_error(served(tokens).logits, reference(tokens).logits) < 2e-2
     assert served.generate(tokens[:1, :4], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 7)
-    monkeypatch.setattr(export, "LOAD_CHUNK_BYTES", 1000)  # quantized in chunks of a few rows: the same codes
+    monkeypatch.setattr(loading, "LOAD_CHUNK_BYTES", 1000)  # quantized in chunks of a few rows: the same codes
     chunked = load_quantized(directory, head="int8")
     assert torch.equal(chunked.get_input_embeddings().codes, embedding.codes)
     assert torch.equal(chunked.get_output_embeddings().scale, head.scale)
