@@ -23,7 +23,7 @@ same round, medians over ``--rounds``.
 Also measured: ``kv_cache``, the bytes a 4096-token prefill leaves in the KV cache, for a W4A4KV4
 export served on integer codes (packed 4-bit K/V, ``kv_cache.PackedKVLayer``) against the FP
 model's bf16 cache; and ``profile``, where the prefill of the longest ``--prefill`` goes in the
-``w4a4_integer_bf16`` and ``fp_bf16`` forms (wall time of each part, from timers around each call).
+``w4a4_integer_bf16_int8head`` and ``fp_bf16`` forms (wall time of each part, from timers around each call).
 
 Run: ``python benchmarks/deploy_integer.py [--models smollm2 qwen2.5-0.5b-shaped] [--rounds 1]
 [--prefill 512 2048] [--decode 32] [--threads N]``. Writes ``benchmarks/results/deploy_integer.json``.
@@ -63,7 +63,7 @@ PROMPT_TOKENS = 16
 CHECK_TOKENS = 128
 KV_TOKENS = 4096
 DECODE_BATCHES = (1, 16)
-PROFILE_FORMS = ("fp_bf16", "w4a4_integer_bf16")
+PROFILE_FORMS = ("fp_bf16", "w4a4_integer_bf16_int8head")
 
 
 def _load(form: str, paths: dict[str, Path]):
@@ -226,11 +226,27 @@ def profile(form: str, paths: dict[str, Path], length: int, threads: int) -> dic
     return {part: statistics.median(run.get(part, 0.0) for run in runs) for part in runs[0]}
 
 
-def _child(command: list[str]) -> dict[str, Any]:
-    result = subprocess.run([sys.executable, __file__, *command], capture_output=True, text=True)
-    if result.returncode:
-        raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+class Children:
+    """Runs this script's measurements in fresh processes, keeping each result in ``partial`` (keyed by
+    the model, the measurement and the settings), so a rerun after an interruption redoes only what
+    is missing; the file is removed once the tables are written."""
+
+    def __init__(self, partial: Path, settings: dict[str, Any]) -> None:
+        from _common import stored_rows
+
+        self.partial, self.settings = partial, settings
+        self.done: dict[str, Any] = stored_rows(partial, settings)
+
+    def run(self, key: str, command: list[str]) -> Any:
+        from _common import write_json_atomic
+
+        if key not in self.done:
+            result = subprocess.run([sys.executable, __file__, *command], capture_output=True, text=True)
+            if result.returncode:
+                raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+            self.done[key] = json.loads(result.stdout.strip().splitlines()[-1])
+            write_json_atomic(self.partial, {"settings": self.settings, "rows": self.done})
+        return self.done[key]
 
 
 # ----------------------------------------------------------------------------- preparing
@@ -294,18 +310,22 @@ def main() -> None:
 
     passed = ["--repeats", str(args.repeats), "--decode", str(args.decode), "--threads", str(args.threads),
               "--prefill", *map(str, args.prefill)]
+    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
+                if key != "child"}
+    children = Children(args.out.with_suffix(".partial.json"), settings)
     rows: list[dict[str, Any]] = []
     extras: dict[str, Any] = {}
     for name in args.models:
         demo = name == "smollm2" and (args.w4a4_export / "quantization_config.json").is_file()
         paths = prepare(name, args.work_dir, args.w4a4_export if demo else None)
         encoded = json.dumps({key: str(value) for key, value in paths.items()})
-        errors = {form: _child(["--child", "error", form, encoded, "--threads", str(args.threads)])["logits_rel_err"]
+        errors = {form: children.run(f"{name} error {form}", ["--child", "error", form, encoded, "--threads",
+                                                              str(args.threads)])["logits_rel_err"]
                   for form in args.forms if form in INTEGER_FORMS}
         rounds: dict[str, list[dict[str, Any]]] = {form: [] for form in args.forms}
         for index in range(args.rounds):
             for form in args.forms:  # one round: every form back to back, so ratios share the load
-                figures = _child(["--child", "measure", form, encoded, *passed])
+                figures = children.run(f"{name} measure {form} {index}", ["--child", "measure", form, encoded, *passed])
                 print(f"{name} round {index + 1} {form}: {figures}", flush=True)
                 rounds[form].append(figures)
 
@@ -332,19 +352,19 @@ def main() -> None:
             row["logits_rel_err"] = errors.get(form)
             rows.append(row)
         extras[name] = {
-            "kv_cache": _child(["--child", "kv", "-", encoded, "--threads", str(args.threads)]),
-            "profile": {form: _child(["--child", "profile", form, encoded, "--threads", str(args.threads),
-                                      "--prefill", str(max(args.prefill))])
+            "kv_cache": children.run(f"{name} kv", ["--child", "kv", "-", encoded, "--threads", str(args.threads)]),
+            "profile": {form: children.run(f"{name} profile {form}",
+                                           ["--child", "profile", form, encoded, "--threads", str(args.threads),
+                                            "--prefill", str(max(args.prefill))])
                         for form in PROFILE_FORMS if form in args.forms},
         }
         print(json.dumps(extras[name], indent=1), flush=True)
     print_markdown_table(rows)
     command = "python benchmarks/deploy_integer.py " + " ".join(sys.argv[1:])
-    settings = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
-                if key != "child"}
     write_json_atomic(args.out, {"command": command.strip(), "machine": machine_info(),
                                  "date": date.today().isoformat(), "settings": settings, "rows": rows,
                                  "models": extras})
+    children.partial.unlink(missing_ok=True)
     print(f"wrote {args.out}")
 
 
