@@ -168,6 +168,7 @@ def serving_headline(load: Callable[[str], dict[str, Any] | None]) -> str:
                          "decode b16 vs FP32": row.get("decode_b16_vs_fp32"),
                          "KV4 cache / bf16 cache": model["kv_cache"]["ratio"],
                          "logits rel. err vs fake-quant": row.get("logits_rel_err"),
+                         "fake-quant under 1e-7 noise": row.get("noise_floor"),
                          "command": f"`{data['command']}`", "machine": machine(data)})
     if not rows:
         return ""
@@ -441,9 +442,12 @@ SECTIONS: list[tuple[str, Callable[..., Section]]] = [
     ("lm_eval_wikitext.json", lm_eval),
     ("hqq_vs_reference.json", hqq_reference),
     *((file, deploy_integer) for file in DEPLOY_INTEGER_FILES),
-    ("int8_head_ppl.json", rows_section("The int8 head", "The demo export scored with its embedding table and "
-                                        "lm_head as 16-bit weights and as per-row int8 codes.",
-                                        "train.py evaluate", model=SMOLLM2)),
+    ("export_size.json", rows_section("The whole export file", "Each W4A4 export saved with its embedding table "
+                                      "and lm_head in 16 bits and as per-row int8, against the model in bf16.",
+                                      "benchmarks/export_size.py")),
+    ("serving_ppl.json", rows_section("Perplexity as served", "The demo export scored on the dequantizing path and "
+                                      "on integer codes, with its embedding table and lm_head in 16 bits and as "
+                                      "per-row int8 rows.", "train.py evaluate", model=SMOLLM2)),
     ("deploy_speed.json", deploy_speed("Deploy speed and memory")),
     ("deploy_speed_dequantizing.json", deploy_speed("Deploy speed, with the dequantizing path")),
     ("kernel_precision.json", kernel_precision),

@@ -35,10 +35,10 @@ their stacked rows, one set of activation codes); ``use_integer_kernels_`` insta
 folded block. A linear whose grid the path cannot take (weights over 8 bits, unquantized
 activations, per-group activation ranges) keeps its current form, with a warning naming it.
 
-Rows at or below ``IntegerKernelConfig.int4_rows_max`` (decoding) can instead go through the
-int4 weight-only kernel (``kernels.Int4Linear``) on the dequantized codes, where that kernel is
-faster for the shape; that keeps a second, int4 layout of the weights, counted in the memory
-figures (``benchmarks/deploy_speed.py``).
+Inputs of at most ``IntegerKernelConfig.int4_rows_max`` rows (a decoding step) instead go through
+the int4 weight-only kernel (``kernels.Int4Linear``) on the fake-quantized rows, where that kernel
+is faster for the shape; that keeps a second, int4 layout of the weights, counted in
+``IntegerLinear.weight_bytes`` and in the served model's memory (``benchmarks/deploy_integer.py``).
 """
 
 from __future__ import annotations
@@ -74,14 +74,15 @@ class IntegerKernelConfig:
         int4_rows_max: products of at most this many rows (a decoding step's batch) go through
             the int4 weight-only kernel on the dequantized activation codes instead, which holds
             a second, int4 layout of the weights (half a byte a weight more); 0 keeps every row on
-            the integer path and one layout. On a 2-core AVX-512/AMX CPU the int4 kernel is
-            10-30% faster at one row and the integer GEMM faster from two rows on (SmolLM2 and
-            Qwen2.5-0.5B shapes), and batch-1 decoding of the SmolLM2 demo export ran at 26.1
-            tokens/s with 1 against 19.7 with 0 (``benchmarks/deploy_integer.py``): hence 1.
+            the integer path and one layout. On a 2-core AVX-512/AMX CPU the int4 kernel alone is
+            10-30% faster than the integer GEMM at one row and slower from two rows on (SmolLM2 and
+            Qwen2.5-0.5B shapes), but a whole batch-1 decoding step of the SmolLM2 demo export ran
+            at 27.2 tokens/s with 1 and with 0 alike, where the rest of the step dominates: hence
+            0, one copy of the weights.
     """
 
     backend: str = "auto"
-    int4_rows_max: int = 1
+    int4_rows_max: int = 0
 
     def validate(self) -> None:
         """One-line errors naming the field."""
@@ -156,6 +157,9 @@ class IntegerInputTransform(nn.Module):
         if refusal is not None:
             raise ValueError(refusal)
         self.transform = transform
+        # Inputs of at most this many rows come back fake-quantized (floats), for the int4 kernel that
+        # serves decoding steps; set by the IntegerLinear reading this input when it holds that kernel.
+        self.fake_quant_rows_max = 0
 
     @property
     def dim(self) -> int:
@@ -166,7 +170,9 @@ class IntegerInputTransform(nn.Module):
         """The wrapped transform's online rotation (``None``: none), as ``InputTransform.rotation``."""
         return self.transform.rotation
 
-    def forward(self, x: torch.Tensor) -> ActivationCodes:
+    def forward(self, x: torch.Tensor) -> ActivationCodes | torch.Tensor:
+        if x.numel() <= self.fake_quant_rows_max * self.dim:
+            return self.transform(x)  # a decoding step: no codes to make for the int4 kernel
         rows = as_dtype(x, torch.float32).reshape(-1, self.dim)
         quantizer = self.transform.act_quantizer
         codes, scale, zero = quantizer.quantize(self.transform.transform_input(rows))
@@ -276,6 +282,7 @@ class IntegerLinear(nn.Module):
                 try:
                     layout = int4_layout(codes, scale, zero, max(bits))
                     self.int4 = Int4Linear(transform.transform, layout, scale, zero, bias=self.bias)
+                    transform.fake_quant_rows_max = self.int4_rows_max
                 except Int4LayoutError as error:
                     warnings.warn(f"int4_rows_max={self.int4_rows_max}: {error}; every row stays on the integer path",
                                   stacklevel=2)
@@ -307,10 +314,10 @@ class IntegerLinear(nn.Module):
             signed = F.pad(signed, (0, weight.shape[1] - part.shape[1], 0, padded_rows - rows))
         return torch._int_mm(signed, weight.T)[:rows, :self.out_features]
 
-    def forward_transformed(self, acts: ActivationCodes) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        """The outputs for the shared input's codes."""
-        if self.int4 is not None and acts.rows <= self.int4_rows_max:
-            out = self.int4.forward_transformed(acts.dequantize())
+    def forward_transformed(self, acts: ActivationCodes | torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """The outputs for the shared input's codes (or, for a decoding step, its fake-quantized rows)."""
+        if isinstance(acts, torch.Tensor):
+            out = self.int4.forward_transformed(acts)
         else:
             out = self._products(acts).mul_(acts.scale)
             midpoint = 2 ** (acts.bits - 1)
@@ -367,7 +374,7 @@ class IntegerSibling(nn.Module):
         self.out_features = stacked.split_sizes[index]
         self.in_features = stacked.in_features
 
-    def forward_transformed(self, acts: ActivationCodes) -> torch.Tensor:
+    def forward_transformed(self, acts: ActivationCodes | torch.Tensor) -> torch.Tensor:
         return self.stacked.forward_transformed(acts)[self.index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
