@@ -10,7 +10,10 @@ in a fresh process:
   fake-quantized, weights through the int4 weight-only kernel, bf16 float parts, int8 head;
 * ``w4a4_integer``: ``load_quantized(kernels="w4a4")``, float parts in float32;
 * ``w4a4_integer_bf16``: the same with the float parts (norms, attention, embedding) in bf16;
-* ``w4a4_integer_bf16_int8head``: and the embedding and lm_head as int8 rows.
+* ``w4a4_integer_bf16_int8head``: and the embedding and lm_head as int8 rows (the serving default
+  otherwise: a decoding step's single row through the int4 weight-only kernel);
+* ``w4a4_integer_bf16_int8head_one_layout``: the same with every row on the integer GEMM
+  (``int4_rows_max=0``), which holds the weights once.
 
 Figures, batch 1 unless named: ``prefill_<n>_s``, the median of one forward over ``n`` tokens as
 ``generate`` prefills (KV cache on, last position's logits), for each ``--prefill`` length;
@@ -58,6 +61,8 @@ FORMS: dict[str, tuple[str, dict[str, Any]]] = {
     "w4a4_integer": ("w4a4", {"kernels": "w4a4"}),
     "w4a4_integer_bf16": ("w4a4", {"kernels": "w4a4", "dtype": "bfloat16"}),
     "w4a4_integer_bf16_int8head": ("w4a4", {"kernels": "w4a4", "dtype": "bfloat16", "head": "int8"}),
+    "w4a4_integer_bf16_int8head_one_layout": ("w4a4", {"kernels": "w4a4", "dtype": "bfloat16", "head": "int8",
+                                                       "int4_rows_max": 0}),
 }
 INTEGER_FORMS = tuple(form for form, (_, kwargs) in FORMS.items() if kwargs.get("kernels") == "w4a4")
 PROMPT_TOKENS = 16
@@ -73,6 +78,10 @@ def _load(form: str, paths: dict[str, Path]):
 
     source, kwargs = FORMS[form]
     kwargs = {key: getattr(torch, value) if key == "dtype" else value for key, value in kwargs.items()}
+    if "int4_rows_max" in kwargs:
+        from hh_lightning.integer import IntegerKernelConfig
+
+        kwargs["integer_config"] = IntegerKernelConfig(int4_rows_max=kwargs.pop("int4_rows_max"))
     if source == "fp":
         from transformers import AutoModelForCausalLM
 

@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .block import LINEAR_INPUTS, HHDecoderBlock
+from .kernels import Int4Linear, Int4LayoutError, int4_layout
 from .linear import FoldedLinear, InputTransform
 from .quantizers import dequantize_codes
 from .rotation import as_dtype
@@ -74,15 +76,15 @@ class IntegerKernelConfig:
         int4_rows_max: products of at most this many rows (a decoding step's batch) go through
             the int4 weight-only kernel on the dequantized activation codes instead, which holds
             a second, int4 layout of the weights (half a byte a weight more); 0 keeps every row on
-            the integer path and one layout. On a 2-core AVX-512/AMX CPU the int4 kernel alone is
+            the integer path and one layout. On a 2-core AVX-512/AMX CPU the int4 kernel is
             10-30% faster than the integer GEMM at one row and slower from two rows on (SmolLM2 and
-            Qwen2.5-0.5B shapes), but a whole batch-1 decoding step of the SmolLM2 demo export ran
-            at 27.2 tokens/s with 1 and with 0 alike, where the rest of the step dominates: hence
-            0, one copy of the weights.
+            Qwen2.5-0.5B shapes), and batch-1 decoding of the SmolLM2 demo export runs about a
+            third faster with 1 than with 0 (``benchmarks/deploy_integer.py``, forms
+            ``w4a4_integer_bf16_int8head`` and ``..._one_layout``): hence 1.
     """
 
     backend: str = "auto"
-    int4_rows_max: int = 0
+    int4_rows_max: int = 1
 
     def validate(self) -> None:
         """One-line errors naming the field."""
@@ -237,7 +239,6 @@ class IntegerLinear(nn.Module):
             scale = torch.cat([linear.scale for linear in folded]).float()
             zero = torch.cat([linear.zero for linear in folded]).float()
             bits = {linear.bits for linear in folded}
-            self.weight_midpoint = 2 ** (max(bits) - 1)
             # Codes of fewer bits shift by their own midpoint: a grid's zero moves with it.
             midpoints = torch.cat([torch.full((linear.out_features, 1), 2.0 ** (linear.bits - 1), device=device)
                                    for linear in folded])
@@ -277,8 +278,6 @@ class IntegerLinear(nn.Module):
                 self.register_buffer("weight_codes", weight)  # (groups, out', g'): w'_g row-major
             self.int4 = None
             if self.int4_rows_max > 0:
-                from .kernels import Int4Linear, Int4LayoutError, int4_layout
-
                 try:
                     layout = int4_layout(codes, scale, zero, max(bits))
                     self.int4 = Int4Linear(transform.transform, layout, scale, zero, bias=self.bias)
@@ -413,8 +412,6 @@ def use_integer_kernels_(model: nn.Module, config: IntegerKernelConfig | None = 
     the linear and the reason. ``prefix``: prepended to the names in the report. Returns the
     ``IntegerReport``.
     """
-    from .block import LINEAR_INPUTS, HHDecoderBlock
-
     config = config or IntegerKernelConfig()
     config.validate()
     report = IntegerReport()

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("lm_eval")  # the optional [eval] extra
 TASK_DIR = Path(__file__).resolve().parents[1] / "lm_eval_tasks" / "wikitext_local"
 TEXT = (" \n = First = \n \n Body one . \n \n = = Section = = \n \n More one . \n"
         " = Second = \n \n Body two @-@ part . \n")
