@@ -132,6 +132,9 @@ def main(args: list[str] | None = None, run: bool = True) -> QuantizeCLI:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Each layer builds a Trainer; its device banner and tips would repeat once per layer.
     logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+    # "Seed set to N" comes before the checks: a refused run would print it above its one error line.
+    # The seed is in the run's config.yaml.
+    logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
     # Before Lightning builds a Trainer: a torchrun/SLURM worker must not look like a DDP rank.
     launched = launcher_worker()
     return QuantizeCLI(HHBlockModule, BlockActivationDataModule, launched=launched, args=args, run=run,
