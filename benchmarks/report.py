@@ -310,7 +310,7 @@ def untrained(data: dict[str, Any]) -> Section:
 
 def lm_eval(data: dict[str, Any]) -> Section:
     return Section("lm-evaluation-harness on a local WikiText-2", "lm-eval's HF backend on an export, with "
-                   "the `wikitext_local` task of `hh_lightning/lm_eval_tasks/` (WikiText-2 raw test, split into "
+                   "the `wikitext_local` task of `lm_eval_tasks/` (WikiText-2 raw test, split into "
                    "its articles, lm-eval's own detokenizer; rolling log-likelihood per document).",
                    data["rows"], model=data.get("model", NOT_RECORDED), windows=data.get("windows"),
                    **base(data, "lm_eval"))
