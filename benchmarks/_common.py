@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hh_lightning.files import write_json_atomic  # noqa: E402  (re-exported: one JSON writer, one table)
 from hh_lightning.report import markdown_table  # noqa: E402
 
-__all__ = ["KV4_SETTINGS", "STRUCTURE_RECIPES", "machine_info", "markdown_table", "median_time",
+__all__ = ["KV4_SETTINGS", "peak_rss_mib", "rss_mib", "STRUCTURE_RECIPES", "machine_info", "markdown_table", "median_time",
            "print_markdown_table", "quant_overrides", "relative_error", "stored_rows", "structure_overrides",
            "synchronized", "write_json_atomic"]
 
@@ -37,6 +37,22 @@ def median_time(fn: Callable[[], Any], repeats: int = 5, warmup: int = 1) -> flo
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def rss_mib() -> float:
+    """This process's resident memory now, in MiB (Linux ``/proc/self/statm``)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory, in MiB (``VmHWM``)."""
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would inherit its parent's peak.
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("/proc/self/status has no VmHWM")
 
 
 def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:

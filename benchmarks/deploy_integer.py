@@ -97,17 +97,6 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def _peak_mib() -> float:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmHWM")
-
-
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 # ----------------------------------------------------------------------------- in a child process
@@ -121,7 +110,9 @@ def measure(form: str, paths: dict[str, Path], args: argparse.Namespace) -> dict
     import hh_lightning.integer  # noqa: F401
 
     torch.set_num_threads(args.threads)
-    baseline = _rss_mib()
+    from _common import peak_rss_mib, rss_mib
+
+    baseline = rss_mib()
     model = _load(form, paths)
     vocab = model.config.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -142,7 +133,7 @@ def measure(form: str, paths: dict[str, Path], args: argparse.Namespace) -> dict
             decode()  # warm-up
             seconds = statistics.median(_timed(decode) for _ in range(args.repeats))
             figures[f"decode_b{batch}_tok_s"] = batch * args.decode / seconds
-    peak = _peak_mib()
+    peak = peak_rss_mib()
     figures.update(peak_mib=peak, model_mib=peak - baseline)
     return figures
 

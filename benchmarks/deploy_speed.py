@@ -69,18 +69,6 @@ CHECK_TOKENS = 128
 HQQ_BITS, HQQ_GROUP = 4, 64
 
 
-def _rss_mib() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def _peak_mib() -> float:
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec, so a child would inherit its parent's peak.
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("/proc/self/status has no VmHWM")
 
 
 def _dir_mib(directory: Path) -> float:
@@ -202,7 +190,9 @@ def measure(form: str, directory: Path, serving: str, args: argparse.Namespace) 
     import hh_lightning.kernels  # noqa: F401
 
     torch.set_num_threads(args.threads)
-    baseline = _rss_mib()
+    from _common import peak_rss_mib, rss_mib
+
+    baseline = rss_mib()
     start = time.perf_counter()
     model = _load(form, directory, serving)
     load_s = time.perf_counter() - start
@@ -223,7 +213,7 @@ def measure(form: str, directory: Path, serving: str, args: argparse.Namespace) 
         prefill()  # warm-up
         prefill_s = statistics.median(_timed(prefill) for _ in range(args.repeats))
         decode_s = statistics.median(_timed(decode) for _ in range(args.repeats))
-    peak = _peak_mib()
+    peak = peak_rss_mib()
     return {"load_s": load_s, "prefill_s": prefill_s, "decode_tok_s": args.decode / decode_s,
             "peak_mib": peak, "model_mib": peak - baseline, "baseline_mib": baseline}
 

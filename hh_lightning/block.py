@@ -647,6 +647,16 @@ class HHDecoderBlock(nn.Module):
         return codes, transformed
 
 
+def named_blocks(model: nn.Module, prefix: str = "") -> list[tuple[str, HHDecoderBlock]]:
+    """``(name, block)`` of every ``HHDecoderBlock`` in ``model`` (``model`` itself when it is one), each
+    name prefixed by ``prefix``; a ``ValueError`` naming ``model``'s type when it holds none."""
+    blocks = [(".".join(filter(None, (prefix, name))), module) for name, module in model.named_modules()
+              if isinstance(module, HHDecoderBlock)]
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no HHDecoderBlock: load or fold a quantized model first")
+    return blocks
+
+
 def wrap_model(model: nn.Module, quant: BlockQuantConfig, layer_indices: list[int] | None = None, *,
                own_device: str | torch.device | None = None) -> nn.Module:
     """Replace decoder layers of a causal LM (in place) by ``HHDecoderBlock``s (``own_device`` as

@@ -50,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .block import LINEAR_INPUTS, HHDecoderBlock
+from .block import LINEAR_INPUTS, named_blocks
 from .kernels import Int4Linear, Int4LayoutError, int4_layout
 from .linear import FoldedLinear, InputTransform
 from .quantizers import dequantize_codes
@@ -415,10 +415,7 @@ def use_integer_kernels_(model: nn.Module, config: IntegerKernelConfig | None = 
     config = config or IntegerKernelConfig()
     config.validate()
     report = IntegerReport()
-    blocks = [(".".join(filter(None, (prefix, name))), module) for name, module in model.named_modules()
-              if isinstance(module, HHDecoderBlock)]
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no HHDecoderBlock: load or fold a quantized model first")
+    blocks = named_blocks(model, prefix)
     for block_prefix, block in blocks:
         if not block.is_folded:
             raise ValueError(f"{block_prefix} is not folded (or already serves other kernels): "

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .block import SIBLINGS, HHDecoderBlock
+from .block import SIBLINGS, HHDecoderBlock, named_blocks
 from .export_format import compact_grid
 from .linear import FoldedLinear, InputTransform
 from .quantizers import OFF_BITS, ActivationQuantizer, dequantize_codes
@@ -477,10 +477,7 @@ def use_int4_kernels_(model: nn.Module, compute_dtype: torch.dtype = DEFAULT_COM
     cannot take stay dequantizing, with a warning naming the linear and the reason. ``prefix``:
     prepended to the names in the report and warnings. Returns the ``KernelReport``."""
     report = KernelReport()
-    blocks = [(".".join(filter(None, (prefix, name))), module) for name, module in model.named_modules()
-              if isinstance(module, HHDecoderBlock)]
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no HHDecoderBlock: load or fold a quantized model first")
+    blocks = named_blocks(model, prefix)
     for prefix, block in blocks:
         if not block.is_folded and not any(isinstance(linear, Int4Linear) for linear in block.linears.values()):
             raise ValueError(f"{prefix} is not folded: call block.fold_() before using the int4 kernels")
