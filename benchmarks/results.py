@@ -85,7 +85,7 @@ KV4_OVERRIDES = quant_overrides(KV4_SETTINGS)
 CPU_RECIPE = str(REPO_ROOT / "configs" / "smollm2-135m_cpu.yaml")
 NEAREST = dict(w_rounding="nearest")
 GROUP_SIZE = 64
-# The goals for the trained rows, in log-perplexity: the share of the RTN→FP gap
+# Targets for the trained rows, in log-perplexity: the share of the RTN→FP gap
 # closed, and the largest acceptable ratio of their gap to the untrained Hadamard row's.
 GOAL_GAP_CLOSED = 0.85
 GOAL_HADAMARD_RATIO = 1 / 3

@@ -128,7 +128,7 @@ def bench_dim(dim: int, ks: list[int], args: argparse.Namespace) -> list[dict]:
 
 
 def check_goals(rows: list[dict]) -> dict:
-    """The issue's goals: loop/WY ≥ 5 at k = 64; at k = d, WY (or the cheaper path) ≤ 3.5× dense."""
+    """Targets: loop/WY ≥ 5 at k = 64; at k = d, WY (or the cheaper path) ≤ 3.5× dense."""
     k64 = [r for r in rows if r["k"] == 64 != r["d"] and isinstance(r["loop/wy"], float)]
     full = [r for r in rows if r["k"] == r["d"]]
     return {
