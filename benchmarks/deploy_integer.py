@@ -91,12 +91,6 @@ def _load(form: str, paths: dict[str, Path]):
     return load_quantized(paths[source], **kwargs)
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 
 
 # ----------------------------------------------------------------------------- in a child process
@@ -110,7 +104,7 @@ def measure(form: str, paths: dict[str, Path], args: argparse.Namespace) -> dict
     import hh_lightning.integer  # noqa: F401
 
     torch.set_num_threads(args.threads)
-    from _common import peak_rss_mib, rss_mib
+    from _common import median_time, peak_rss_mib, rss_mib
 
     baseline = rss_mib()
     model = _load(form, paths)
@@ -120,9 +114,8 @@ def measure(form: str, paths: dict[str, Path], args: argparse.Namespace) -> dict
     with torch.no_grad():
         for length in args.prefill:
             ids = torch.randint(0, vocab, (1, length), generator=generator)
-            model(ids, use_cache=True, logits_to_keep=1)  # warm-up
-            figures[f"prefill_{length}_s"] = statistics.median(
-                _timed(lambda: model(ids, use_cache=True, logits_to_keep=1)) for _ in range(args.repeats))
+            figures[f"prefill_{length}_s"] = median_time(lambda: model(ids, use_cache=True, logits_to_keep=1),
+                                                         repeats=args.repeats)
         for batch in DECODE_BATCHES:
             prompt = torch.randint(0, vocab, (batch, PROMPT_TOKENS), generator=generator)
 
@@ -130,8 +123,7 @@ def measure(form: str, paths: dict[str, Path], args: argparse.Namespace) -> dict
                 out = model.generate(prompt, max_new_tokens=args.decode, min_new_tokens=args.decode,
                                      do_sample=False, pad_token_id=0)
                 assert out.shape == (batch, PROMPT_TOKENS + args.decode)
-            decode()  # warm-up
-            seconds = statistics.median(_timed(decode) for _ in range(args.repeats))
+            seconds = median_time(decode, repeats=args.repeats)
             figures[f"decode_b{batch}_tok_s"] = batch * args.decode / seconds
     peak = peak_rss_mib()
     figures.update(peak_mib=peak, model_mib=peak - baseline)
@@ -229,7 +221,9 @@ def profile(form: str, paths: dict[str, Path], length: int, threads: int) -> dic
         model(ids, use_cache=True, logits_to_keep=1)
         for _ in range(3):
             spent.clear()
-            total = _timed(lambda: model(ids, use_cache=True, logits_to_keep=1))
+            start = time.perf_counter()
+            model(ids, use_cache=True, logits_to_keep=1)
+            total = time.perf_counter() - start
             parts = dict(spent)
             parts["rest"] = total - sum(parts.values())
             parts["total"] = total

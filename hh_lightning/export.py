@@ -193,10 +193,11 @@ def _collect_tensors(model: nn.Module, blocks: dict[str, HHDecoderBlock], storag
         rebuilt |= rebuilt_keys(prefix, block)
 
     state = model.state_dict()
-    if head == "int8":
+    # head='int8': the tables' int8 rows replace their weights, stored as they are (scales exact).
+    int8_head = _int8_head_state(model) if head == "int8" else {}
+    if int8_head:
         head_weights = {f"{prefix}.weight" for prefix in _head_modules(model)}
-        state = {**{key: value for key, value in state.items() if key not in head_weights},
-                 **_int8_head_state(model)}
+        state = {**{key: value for key, value in state.items() if key not in head_weights}, **int8_head}
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     first_of: dict[tuple[Any, ...], str] = {}
@@ -215,8 +216,8 @@ def _collect_tensors(model: nn.Module, blocks: dict[str, HHDecoderBlock], storag
             value = pack_codes(value.cpu(), module.bits)
         elif module is not None and leaf in ("scale", "zero"):
             value = compact_grid(value)
-        elif key.endswith(".scale") and head == "int8" and key.rpartition(".")[0] in _head_modules(model):
-            pass  # the int8 rows' float32 scales: kept exact
+        elif key in int8_head:
+            pass
         elif value.is_floating_point() and not any(key.startswith(f"{prefix}.") for prefix in blocks):
             value = _sixteen_bit(value, storage_dtype)
         elif _ROTATION_KEY.search(key) and (exact := _exact_sixteen_bit(value)) is not None:

@@ -277,8 +277,6 @@ def _head_from_file_(model: nn.Module, reader: _TensorReader, dtype: torch.dtype
         if id(codes) not in weights:  # tied: one parameter for both
             weights[id(codes)] = nn.Parameter((codes.float() * scale[:, None]).to(dtype), requires_grad=False)
         module.weight = weights[id(codes)]
-    if head is not None and type(head) is nn.Linear:
-        model.set_output_embeddings(RowsLinear.sharing(head))
     return {f"{prefix}.weight" for prefix in prefixes}
 
 
