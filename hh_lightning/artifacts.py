@@ -94,21 +94,23 @@ def load_layer_artifact(block: HHDecoderBlock, directory: Path) -> HHDecoderBloc
     return unpack_block_codes_(block)
 
 
+# The states a trained layer may ship, in order of preference on a tie.
+SHIPPABLE_STATES = ("trained", "initial", "fixed")
+
+
 def export_block(pl_module: HHBlockModule, val_loader: Any, artifact_dir: Path, steps: int,
                  train_dataset: Any = None, batch_size: int = 1) -> Path:
     """Fold, measure and save one trained block; returns the metadata path.
 
-    The block exported is whichever of its trained and initial states has the lower MSE on the
-    held-out windows (``keep_better_state_``), so training never ships a worse layer.
+    The block exported is whichever of its trained, initial and fixed states has the lowest error on
+    the held-out windows (``keep_best_state_``), so training never ships a layer worse than where it
+    started or than the fixed rotation alone. The errors are ``optim.loss`` (MSE by default).
     ``train_dataset`` (``(x, y)`` pairs): the calibration inputs whose statistics GPTQ
     rounding folds with (``quant.w_rounding='gptq'``; unused otherwise), ``batch_size`` windows
     at a time: the PCA init's (``RotationInitCallback``), so a resumed fit folds with the same sums.
     """
     block = pl_module.block
     block.eval()
-    kept, mse_trained, mse_final = keep_better_state_(pl_module, val_loader)
-    if not math.isfinite(mse_final):
-        raise FloatingPointError(f"layer {pl_module.layer_index}: validation MSE is {mse_final}; not exporting")
     statistics = None
     if block.quant.w_rounding == "gptq":
         if train_dataset is None:
@@ -117,40 +119,80 @@ def export_block(pl_module: HHBlockModule, val_loader: Any, artifact_dir: Path, 
         statistics = (cached[1] if cached is not None and cached[0] == len(train_dataset)
                       else dataset_statistics(block, train_dataset, device=pl_module.device, batch_size=batch_size))
     pl_module.calibration_statistics = None  # the fold is their last use; free them (d × d float64 each)
+    kept, mse = keep_best_state_(pl_module, val_loader)
+    if not math.isfinite(mse[kept]):
+        raise FloatingPointError(f"layer {pl_module.layer_index}: validation MSE is {mse[kept]}; not exporting")
+    if not block.quant.train_weights_quantized:
+        # Trained against unquantized weights: they ship quantized, on grids set for the rotations kept.
+        pl_module.quantize_weights_in_training_(True)
+        block.initialize_weight_quantizers()
     folded = copy.deepcopy(block).fold_(statistics)
-    mse_folded = block_mse(folded, val_loader, pl_module.device)
-    metrics = {"mse_init": float(pl_module.mse_init), "mse_trained": mse_trained, "mse_final": mse_final,
-               "mse_folded": mse_folded, "kept": kept, "steps": int(steps)}
+    mse_folded = block_mse(folded, val_loader, pl_module.device, pl_module.optim.loss)
+    metrics = {"mse_init": float(pl_module.mse_init), "mse_trained": mse["trained"], "mse_final": mse[kept],
+               "mse_fixed": mse.get("fixed"), "mse_folded": mse_folded, "kept": kept, "steps": int(steps)}
     return write_layer_artifact(folded.cpu(), artifact_dir, metrics)
 
 
-def keep_better_state_(pl_module: HHBlockModule, val_loader: Any) -> tuple[str, float, float]:
-    """Leave the block in whichever of its trained and initial states is better on ``val_loader``.
+def trained_mse(pl_module: HHBlockModule, val_loader: Any) -> float:
+    """The held-out MSE of the trained block, unfolded, with its rotations rounded as they ship.
 
-    Both are compared as they ship, with the rotations rounded to ``quant.rotation_dtype``, so the
-    folded block must match the kept one: the trained state by the last validation epoch
-    (``pl_module.shipped_val_mse``) or here, the initial one by ``pl_module.mse_init`` (measured that
-    way before the first step). Ties, and modules without a
-    recorded initial state (checkpoints from older versions), keep the trained state. Returns
-    ``(kept, mse_trained, mse_kept)`` with ``kept`` ``"trained"`` or ``"initial"``.
+    The last validation epoch measured this state in this form (``pl_module.shipped_val_mse``) unless a
+    step came after it or it saw fewer batches (``trainer.limit_val_batches``); then it is measured here.
     """
-    block = pl_module.block
-    block.round_rotations_()
+    block = pl_module.block.round_rotations_()
     measured = pl_module.shipped_val_mse
-    # The last validation epoch measured this state in this form, unless a step came after it or it saw
-    # fewer batches (trainer.limit_val_batches).
-    reusable = measured is not None and measured[:2] == (pl_module.global_step, len(val_loader))
-    mse_trained = measured[2] if reusable else block_mse(block, val_loader, pl_module.device)
-    mse_initial = float(pl_module.mse_init)
-    if pl_module.initial_state is None:
-        return "trained", mse_trained, mse_trained
-    if mse_initial < mse_trained or (math.isfinite(mse_initial) and not math.isfinite(mse_trained)):
-        log.warning("layer %d: training raised the held-out block MSE (%.4g -> %.4g); exporting its initial "
-                    "state", pl_module.layer_index, mse_initial, mse_trained)
-        pl_module.load_trainable_state_(pl_module.initial_state)
-        block.round_rotations_()
-        return "initial", mse_trained, mse_initial
-    return "trained", mse_trained, mse_trained
+    if measured is not None and measured[:2] == (pl_module.global_step, len(val_loader)):
+        return measured[2]
+    return block_mse(block, val_loader, pl_module.device, pl_module.optim.loss)
+
+
+def _set_state_(pl_module: HHBlockModule, name: str, state: dict[str, torch.Tensor]) -> None:
+    """Put ``state`` in the block as it would ship, rotations rounded; the fixed start (built with
+    unclipped weight grids) gets the weight grids the fit would have given it."""
+    pl_module.load_trainable_state_(state)
+    pl_module.block.round_rotations_()
+    if name == "fixed":
+        pl_module.block.initialize_weight_quantizers()
+
+
+def keep_best_state_(pl_module: HHBlockModule, val_loader: Any) -> tuple[str, dict[str, float]]:
+    """Leave the block in whichever state it may ship has the lowest MSE on ``val_loader``.
+
+    The states (``SHIPPABLE_STATES``): ``trained``; ``initial``, where training started (e.g. the PCA
+    init), measured before the first step (``pl_module.mse_init``); and ``fixed``, the block as built
+    before any data reached it (for a Hadamard structure, the fixed randomized Hadamard alone, with the
+    weight grids the fit sets), so no layer ships worse than the fixed rotation alone. All are measured
+    alike, unfolded with the rotations rounded as they ship; a state equal to one already measured is
+    not measured again, and ties keep the earlier state. Returns ``(kept, {state: MSE})``; modules
+    without a recorded initial or fixed state (checkpoints from older versions) weigh what they hold.
+    """
+    states = {"trained": pl_module.trainable_state(), "initial": pl_module.initial_state,
+              "fixed": pl_module.fixed_state}
+    mse: dict[str, float] = {"trained": trained_mse(pl_module, val_loader)}
+    shipped = [("trained", pl_module.trainable_state())]  # each state measured, in the form it ships
+    for name in ("initial", "fixed"):
+        if states[name] is None:
+            continue
+        _set_state_(pl_module, name, states[name])
+        form = pl_module.trainable_state()
+        same = next((other for other, other_form in shipped if _same_state(form, other_form)), None)
+        if same is not None:
+            mse[name] = mse[same]
+        else:
+            mse[name] = (float(pl_module.mse_init) if name == "initial"
+                         else block_mse(pl_module.block, val_loader, pl_module.device, pl_module.optim.loss))
+            shipped.append((name, form))
+    finite = {name: value if math.isfinite(value) else math.inf for name, value in mse.items()}
+    kept = min(finite, key=lambda name: (finite[name], SHIPPABLE_STATES.index(name)))
+    _set_state_(pl_module, kept, states[kept])
+    if kept != "trained":
+        log.warning("layer %d: training raised the held-out block MSE above the %s state's (%.4g > %.4g); "
+                    "exporting that state", pl_module.layer_index, kept, mse["trained"], mse[kept])
+    return kept, mse
+
+
+def _same_state(first: dict[str, torch.Tensor], second: dict[str, torch.Tensor]) -> bool:
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
 
 def dataset_statistics(block: HHDecoderBlock, dataset: Any, count: int | None = None,

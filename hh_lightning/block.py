@@ -128,6 +128,11 @@ class BlockQuantConfig:
             column, moving each rounding error onto the columns not yet rounded
             through the inverse Hessian of the linear's calibration inputs;
             ``gptq.py``). The grid and the packed format are the same.
+        train_weights_quantized: fake-quantize the weights while training (default). ``false``
+            trains the rotations and clips against activation (and K/V) quantization alone,
+            weights unquantized, and sets the weight grids (``w_init``) at fold for the
+            rotations kept: training then never sees nearest rounding, which ``gptq`` replaces
+            (SpinQuant's choice with GPTQ). The weights' learnable clips are not trained.
         gptq_damp: ``gptq``'s damping, a fraction of the Hessian's mean diagonal (>= 0).
         gptq_act_order: ``gptq`` rounds the input channels in decreasing order of their
             Hessian diagonal (GPTQ's act-order) instead of in index order; each keeps its own
@@ -173,6 +178,7 @@ class BlockQuantConfig:
     seed: int = 0
     seed_layer_stride: int = 1000
     w_rounding: WeightRounding = "nearest"
+    train_weights_quantized: bool = True
     gptq_damp: float = 0.01
     gptq_act_order: bool = False
     w_search: ClipSearch = field(default_factory=ClipSearch)

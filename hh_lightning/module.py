@@ -11,13 +11,16 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanSquaredError
+from torchmetrics import MeanMetric
 
 from .block import BlockQuantConfig, HHDecoderBlock
+from .quantizers import WeightQuantizer
 
 
 CompileMode = Literal["none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 COMPILE_MODES: tuple[str, ...] = ("none", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+BlockLoss = Literal["mse", "token_relative"]
+BLOCK_LOSSES: tuple[str, ...] = ("mse", "token_relative")
 # OptimConfig fields that change speed, not what a layer learns: left out of a run directory's identity.
 SPEED_ONLY_OPTIM_FIELDS = ("compile",)
 # How many values of each tensor copied from the FP layer a checkpoint keeps to recognize that layer.
@@ -47,6 +50,11 @@ class OptimConfig:
     activation scale.
 
     Args:
+        loss: what each step minimizes, and what validation and the keep-the-best rule at export
+            measure: ``mse``, the mean squared error of the block's output against the FP
+            model's, or ``token_relative``, each token's squared error divided by the FP output
+            token's mean square, so the few tokens with massive activations do not outweigh
+            the rest (the next block reads each token through its RMSNorm).
         lr_transforms: peak learning rate of the rotations and smoothing scales (>= 0).
         lr_clips: peak learning rate of the weight and activation clip ratios (>= 0).
         weight_decay: AdamW weight decay (>= 0).
@@ -73,9 +81,12 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     compile: CompileMode = "none"
     warmup_ratio: float = 0.0
+    loss: BlockLoss = "mse"
 
     def validate(self) -> None:
         """One-line errors naming the field: a negative lr would train the error upward."""
+        if self.loss not in BLOCK_LOSSES:
+            raise ValueError(f"model.optim.loss={self.loss!r} is not one of {BLOCK_LOSSES}")
         for name in ("lr_transforms", "lr_clips", "weight_decay"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -116,18 +127,32 @@ def cosine_factor(step: int, total_steps: int, min_ratio: float, warmup_steps: i
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def token_errors(prediction: torch.Tensor, target: torch.Tensor, loss: BlockLoss = "mse") -> torch.Tensor:
+    """Each token's squared error, ``(...,)`` from ``(..., hidden)``: its mean over the hidden size
+    (``mse``), or that divided by the target token's mean square (``token_relative``)."""
+    error = (prediction - target).pow(2).mean(-1)
+    if loss == "token_relative":
+        error = error / target.pow(2).mean(-1).clamp_min(torch.finfo(target.dtype).tiny)
+    return error
+
+
+def block_loss(prediction: torch.Tensor, target: torch.Tensor, loss: BlockLoss = "mse") -> torch.Tensor:
+    """The mean of ``token_errors`` over every token: the training loss, a scalar."""
+    return token_errors(prediction, target, loss).mean()
+
+
 @torch.no_grad()
 def block_mse(block: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-              device: torch.device | str) -> float:
-    """Mean squared error of ``block(x)`` against ``y`` over all elements of ``batches``."""
-    metric = MeanSquaredError().to(device)
+              device: torch.device | str, loss: BlockLoss = "mse") -> float:
+    """Mean over all tokens of ``token_errors(block(x), y, loss)`` over ``batches``."""
+    metric = MeanMetric().to(device)
     for x, y in batches:
-        metric.update(block(x.to(device)).float(), y.to(device).float())
+        metric.update(token_errors(block(x.to(device)).float(), y.to(device).float(), loss).reshape(-1))
     return float(metric.compute())
 
 
 class HHBlockModule(L.LightningModule):
-    """Trains one ``HHDecoderBlock``: ``loss = MSE(block_q(x), block_fp(x))``.
+    """Trains one ``HHDecoderBlock``: ``loss = block_loss(block_q(x), y, optim.loss)``, ``y`` the FP model's output.
 
     The block is built in ``configure_model`` from a source layer handed over
     with ``attach_source`` (so the module holds one layer, never the model),
@@ -162,7 +187,8 @@ class HHBlockModule(L.LightningModule):
         # The trainable values the fit starts from, so export can keep them if training made the
         # block worse; carried in the checkpoint, since a resumed fit never sees the start.
         self.initial_state: dict[str, torch.Tensor] | None = None
-        self.val_mse = MeanSquaredError()
+        self.fixed_state: dict[str, torch.Tensor] | None = None
+        self.val_mse = MeanMetric()
         # (global_step, batches, MSE) of the last validation epoch, which measures the block as it ships;
         # export reuses it when no step came after and it saw every batch (keep_better_state_). Not saved:
         # a resumed fit measures again.
@@ -185,6 +211,10 @@ class HHBlockModule(L.LightningModule):
             raise RuntimeError(f"layer {self.layer_index}: attach_source() must be called before fit")
         layer, config, rotary_emb = self._source
         self.block = HHDecoderBlock(layer, config, rotary_emb, self.quant, self.layer_index)
+        # The block as built, before any data reaches it: the fixed start (for a Hadamard structure, the
+        # fixed randomized Hadamard alone) that export weighs the trained block against. Rebuilt the
+        # same way on resume, so never saved.
+        self.fixed_state = self.trainable_state()
         self.block.train()  # copies of an eval-mode model; nothing here behaves differently in train mode
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -201,7 +231,7 @@ class HHBlockModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        loss = F.mse_loss(self.training_forward(x).float(), y.float())
+        loss = block_loss(self.training_forward(x).float(), y.float(), self.optim.loss)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"layer {self.layer_index}: loss is {loss.item()} at step {self.global_step}")
         self.log("train/mse", loss, prog_bar=True, on_step=True, on_epoch=True)
@@ -216,7 +246,7 @@ class HHBlockModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.val_mse(self.block(x).float(), y.float())
+        self.val_mse.update(token_errors(self.block(x).float(), y.float(), self.optim.loss).reshape(-1))
         self.log("val/mse", self.val_mse, prog_bar=True, on_epoch=True)
         self._val_batches += 1
 
@@ -226,22 +256,30 @@ class HHBlockModule(L.LightningModule):
         self.load_trainable_state_(self._unrounded_state)
         self._unrounded_state = None
 
+    def quantize_weights_in_training_(self, enabled: bool) -> None:
+        """Fake-quantize the block's weights in its forward (``enabled``) or pass them through."""
+        for module in self.block.modules():
+            if isinstance(module, WeightQuantizer):
+                module.bypass = not enabled
+
     def on_train_start(self) -> None:
+        self.quantize_weights_in_training_(self.quant.train_weights_quantized)
         # Runs after the init callbacks' on_train_start: record where training starts from.
         # mse_init is measured as the initial state would ship (rotations rounded to quant.rotation_dtype,
         # then put back), so export compares it with the trained state without measuring it again.
         if not bool(self.initialized):
             loader = self.trainer.datamodule.val_dataloader()
             self.initial_state = self.trainable_state()
-            self.mse_init.fill_(block_mse(self.block.round_rotations_(), loader, self.device))
+            self.mse_init.fill_(block_mse(self.block.round_rotations_(), loader, self.device, self.optim.loss))
             self.load_trainable_state_(self.initial_state)
             self.initialized.fill_(True)
             self.log("val/mse_init", self.mse_init.item())
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Copies of the block's trainable values (reflections, smoothing, clip ratios), by name."""
+        """Copies of the block's trainable values (reflections, smoothing, clip ratios), by name, and of
+        the clip ratios a weight-grid init sets without training them (a symmetric grid's lower clip)."""
         return {name: parameter.detach().clone() for name, parameter in self.block.named_parameters()
-                if parameter.requires_grad}
+                if parameter.requires_grad or ".clip_logit_" in name}
 
     @torch.no_grad()
     def load_trainable_state_(self, state: dict[str, torch.Tensor]) -> None:

@@ -64,18 +64,19 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> str:
     layers = results.get("layers", [])
     # Artifacts from before the trained-vs-initial comparison hold only the trained state.
     layer_rows = [{"layer": m["layer"], "mse_init": m["mse_init"], "mse_trained": m.get("mse_trained", m["mse_final"]),
-                   "kept": m.get("kept", "trained"), "mse_final": m["mse_final"], "mse_folded": m["mse_folded"],
-                   "steps": m["steps"]} for m in layers]
+                   "mse_fixed": m.get("mse_fixed"), "kept": m.get("kept", "trained"), "mse_final": m["mse_final"],
+                   "mse_folded": m["mse_folded"], "steps": m["steps"]} for m in layers]
     ppl_rows = []
     for name in ("fp", "quantized"):
         if name in results:
             r = results[name]
             ppl_rows.append({"model": name, "ppl": r["ppl"], "windows": r["n_windows"], "seq_len": r["seq_len"]})
     text = "## Perplexity\n\n" + markdown_table(ppl_rows) + "\n\n## Per-layer MSE\n\n" + markdown_table(layer_rows)
-    kept_initial = [str(r["layer"]) for r in layer_rows if r["kept"] == "initial"]
-    if kept_initial:
-        text += (f"\n\nTraining raised the held-out MSE of layer(s) {', '.join(kept_initial)}: "
-                 "their initial state was exported instead.")
+    for state in ("initial", "fixed"):
+        kept = [str(r["layer"]) for r in layer_rows if r["kept"] == state]
+        if kept:
+            text += (f"\n\nTraining left the held-out MSE of layer(s) {', '.join(kept)} above their {state} "
+                     f"state's: their {state} state was exported instead.")
     text += f"\n\nTraining wall time: {results.get('train_seconds', float('nan')):.1f} s\n"
     if "export_size" in results:
         text += "\n" + export_size_table(results["export_size"], results["export_dir"]) + "\n"
@@ -83,7 +84,7 @@ def write_report(run_dir: Path, results: dict[str, Any]) -> str:
     write_text_atomic(run_dir / "summary.md", text)
     if layer_rows:
         plot_layer_mse({"initialized (rotation init + clip init)": [(r["layer"], r["mse_init"]) for r in layer_rows],
-                        "exported (the better of trained and initial)": [(r["layer"], r["mse_final"])
+                        "exported (the best of trained, initial and fixed)": [(r["layer"], r["mse_final"])
                                                                           for r in layer_rows]},
                        run_dir / "layer_mse.png", "Per-layer block MSE")
     return text

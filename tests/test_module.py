@@ -152,7 +152,7 @@ def test_a_checkpoint_leaves_out_the_layers_weights_and_takes_them_back_from_the
 
 def test_validation_measures_the_block_as_it_ships_and_export_reuses_the_last_epoch(monkeypatch) -> None:
     """The validation epochs round the rotations as export does, then put the trained values back; the
-    figure of the last one is the trained state's, so keep_better_state_ does not measure it again."""
+    figure of the last one is the trained state's, so export (``artifacts.trained_mse``) does not measure it again."""
     import lightning as L
 
     from hh_lightning import artifacts
@@ -184,11 +184,10 @@ def test_validation_measures_the_block_as_it_ships_and_export_reuses_the_last_ep
     assert mse == pytest.approx(block_mse(shipped, datamodule.val_dataloader(), "cpu"), rel=1e-6)
 
     monkeypatch.setattr(artifacts, "block_mse", lambda *_: pytest.fail("measured the trained state again"))
-    module.initial_state = None
-    assert artifacts.keep_better_state_(module, datamodule.val_dataloader()) == ("trained", mse, mse)
+    assert artifacts.trained_mse(module, datamodule.val_dataloader()) == mse
     module.shipped_val_mse = (step, batches - 1, mse)  # fewer batches than the export's loader: measured
     monkeypatch.setattr(artifacts, "block_mse", lambda *_: 1.5)
-    assert artifacts.keep_better_state_(module, datamodule.val_dataloader()) == ("trained", 1.5, 1.5)
+    assert artifacts.trained_mse(module, datamodule.val_dataloader()) == 1.5
 
 
 def _saved(obj: dict) -> io.BytesIO:
