@@ -1,6 +1,7 @@
 """The demo's trained W4A4 row beside a fixed randomized Hadamard + GPTQ row, same data and config.
 
-    python benchmarks/fair_baseline.py [--seeds 0 1 2] [--eval-windows 16] [--runs-dir runs/fair] [--collect-only]
+    python benchmarks/fair_baseline.py [--seeds 0 1 2] [--eval-windows 16] [--runs-dir runs/fair]
+                                       [--kinds fixed trained ...] [--collect-only]
 
 The fixed row is QuaRot-like: ``configs/demo.yaml`` with the reflections starting at identity and
 no learning (``rotation_init identity``, both learning rates 0, one epoch), so each rotation is the
@@ -12,6 +13,12 @@ seed, so only the fixed fit scores it and the trained row takes the same seed's.
 into ``RUNS_DIR/fixed_sS`` and ``RUNS_DIR/trained_sS``; a run directory that already holds
 ``summary.json`` is read, not refit, so an interrupted run resumes. ``--collect-only`` fits nothing
 and reads what is there.
+
+Beside the pair, ``--kinds`` can fit the trained row with one change each (``VARIANTS``): nothing
+learned after the PCA init (what training adds to its start), the weights left unquantized while
+training (the grids set at fold, so training never sees the nearest rounding GPTQ replaces), and the
+per-token relative loss. A seed enters the file once its pair is finished; a variant's mean row
+averages the seeds it holds and names them when they are fewer.
 
 Per seed, ``gap_closed`` = (log ppl_fixed - log ppl_trained) / (log ppl_fixed - log ppl_fp), the
 share of the fixed row's log-perplexity gap to FP that training closes. The mean rows average the
@@ -49,7 +56,18 @@ DEFAULT_RUNS_DIR = "runs/fair"
 # The FP model scores the same windows whatever the seed; only the fixed fit scores it, and the trained
 # row of a seed reads its FP from there (the trained fit is the shipped recipe otherwise).
 TRAINED_OVERRIDES = ["--pipeline.eval_fp", "false"]
-KINDS = {"fixed": (FIXED, FIXED_OVERRIDES), "trained": (TRAINED, TRAINED_OVERRIDES)}
+# The questions beside the pair: what training adds to its PCA start, and two changes to what it learns
+# against. Each is the trained row with one change; none is part of the pair a seed needs.
+VARIANTS = {
+    "pca_only": ("PCA init, nothing learned (what training adds)",
+                 ["--model.optim.lr_transforms", "0", "--model.optim.lr_clips", "0", "--trainer.max_epochs", "1"]),
+    "weights_unquantized": ("trained with the weights unquantized, grids set at fold (GPTQ-matched)",
+                            ["--model.quant.train_weights_quantized", "false"]),
+    "token_relative": ("trained on the per-token relative error", ["--model.optim.loss", "token_relative"]),
+}
+KINDS = {"fixed": (FIXED, FIXED_OVERRIDES), "trained": (TRAINED, TRAINED_OVERRIDES),
+         **{name: (label, TRAINED_OVERRIDES + overrides) for name, (label, overrides) in VARIANTS.items()}}
+PAIR = ("fixed", "trained")
 
 
 def fit_command(kind: str, seed: int | str, eval_windows: int, runs_dir: str) -> list[str]:
@@ -98,21 +116,26 @@ def table_rows(summaries: dict[tuple[str, int], dict[str, Any]], seeds: list[int
     rows = []
     for seed in seeds:
         for kind in KINDS:
+            if (kind, seed) not in summaries:
+                continue
             s = summaries[kind, seed]
             fp = s.get("fp", summaries["fixed", seed]["fp"])  # the trained fit leaves FP to the fixed one
             row = {"row": KINDS[kind][0], "seed": seed, "fp_ppl": fp["ppl"], "w4a4_ppl": s["quantized"]["ppl"],
                    "w4a4 / FP": s["quantized"]["ppl"] / fp["ppl"]}
-            if kind == "trained":
+            if kind != "fixed":
                 row["gap_closed"] = gap_closed(summaries["fixed", seed]["quantized"]["ppl"], row["w4a4_ppl"],
                                                row["fp_ppl"])
             rows.append(row)
     for kind in KINDS:
         own = [r for r in rows if r["row"] == KINDS[kind][0]]
-        mean = {"row": KINDS[kind][0], "seed": "mean"}
+        if not own:
+            continue
+        mean = {"row": KINDS[kind][0], "seed": "mean" if len(own) == len(seeds) else
+                "mean of " + " ".join(str(r["seed"]) for r in own)}
         for key in ("fp_ppl", "w4a4_ppl", "w4a4 / FP", "gap_closed"):
             if key in own[0]:
                 mean[key] = statistics.fmean(r[key] for r in own)
-        if kind == "trained" and len(own) > 1:
+        if kind != "fixed" and len(own) > 1:
             mean["gap_closed sd"] = statistics.stdev(r["gap_closed"] for r in own)
         rows.append(mean)
     return rows
@@ -124,6 +147,8 @@ def main() -> int:
     parser.add_argument("--eval-windows", type=int, default=16, help="WikiText-2 test windows each fit scores")
     parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="where the fits go, relative to the repository")
     parser.add_argument("--data-dir", default=None, help="WikiText-2 raw directory (default: $HH_DATA_DIR)")
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS),
+                        help="which rows to fit (fixed and trained form the pair each seed needs)")
     parser.add_argument("--collect-only", action="store_true", help="fit nothing; read the summaries there")
     parser.add_argument("--out", type=Path,
                         default=REPO_ROOT / "benchmarks" / "results" / "fair_baseline_demo.json")
@@ -137,7 +162,7 @@ def main() -> int:
 
     if not args.collect_only:
         for seed in args.seeds:
-            for kind in KINDS:  # fixed then trained: a seed's pair completes before the next seed starts
+            for kind in [k for k in KINDS if k in args.kinds]:  # a seed's rows complete before the next seed
                 if not fit(kind, seed, args):
                     print(f"error: the {kind} fit of seed {seed} failed; writing the seeds that finished",
                           file=sys.stderr)
@@ -148,7 +173,7 @@ def main() -> int:
 
     summaries = {(kind, seed): s for seed in args.seeds for kind in KINDS
                  if (s := read_summary(args.runs_dir, kind, seed, args.eval_windows)) is not None}
-    seeds = [s for s in args.seeds if all((kind, s) in summaries for kind in KINDS)]
+    seeds = [s for s in args.seeds if all((kind, s) in summaries for kind in PAIR)]
     missing = [s for s in args.seeds if s not in seeds]
     if not seeds:
         print("error: no seed has both a fixed and a trained summary; nothing written", file=sys.stderr)
@@ -162,9 +187,10 @@ def main() -> int:
     data = {"command": command, "machine": machine_info(), "date": time.strftime("%Y-%m-%d"), "model": MODEL,
             "windows": f"WikiText-2 test, the first {first['n_windows']} windows of {first['seq_len']} tokens",
             "seeds": seeds, "seeds_unfinished": missing,
-            "fits": {kind: " ".join(fit_command(kind, "{S}", args.eval_windows, args.runs_dir)) for kind in KINDS},
+            "fits": {kind: " ".join(fit_command(kind, "{S}", args.eval_windows, args.runs_dir)) for kind in KINDS
+                     if any((kind, seed) in summaries for seed in seeds)},
             "train_seconds": {f"{kind}_s{seed}": summaries[kind, seed].get("train_seconds")
-                              for seed in seeds for kind in KINDS},
+                              for seed in seeds for kind in KINDS if (kind, seed) in summaries},
             "rows": rows}
     write_json_atomic(args.out, data)
     print_markdown_table(rows)
