@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shlex
 import sys
 import time
@@ -43,10 +44,11 @@ from typing import Any
 
 import torch
 from _common import machine_info, markdown_table, write_json_atomic
-from loss_breakdown import ErrorSources, checked_sources, layer_units, linear_units, load_run, run_config, scan
+from loss_breakdown import (ErrorSources, checked_sources, layer_units, linear_heat_map, linear_units, load_run,
+                            run_config, save_figure, scan)
 
 from hh_lightning.block import LINEAR_NAMES
-from hh_lightning.files import atomic_write_path, sha256_file, write_text_atomic
+from hh_lightning.files import sha256_file, write_text_atomic
 from hh_lightning.text import evaluation_windows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -185,20 +187,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     bars.legend()
     bars.grid(True, axis="y", alpha=0.3)
     difference = {row["linear"]: row["difference"] for row in results["linears"]}
-    grid = torch.tensor([[difference.get(f"{i}.{name}", float("nan")) for i in range(count)] for name in LINEAR_NAMES])
     # Centred on zero so the colour alone says which run wins: blue, training gains; red, it loses.
-    bound = max(float(grid.nan_to_num().abs().max()), 1e-9)
-    image = heat.imshow(grid.numpy(), aspect="auto", cmap="RdBu_r", interpolation="nearest",
-                        norm=TwoSlopeNorm(0.0, -bound, bound))
-    heat.set_yticks(range(len(LINEAR_NAMES)), LINEAR_NAMES)
-    heat.set_xticks(range(count))
-    heat.set_xlabel("decoder layer")
-    heat.set_title("one linear quantized alone: trained − fixed Δ log-ppl (red: trained worse)")
-    figure.colorbar(image, ax=heat, orientation="horizontal", fraction=0.08, pad=0.2)
-    figure.tight_layout()
-    with atomic_write_path(path, suffix=path.suffix) as temporary:
-        figure.savefig(temporary, dpi=110)
-    plt.close(figure)
+    bound = max((abs(value) for value in difference.values() if math.isfinite(value)), default=0.0) or 1e-9
+    linear_heat_map(figure, heat, difference, count, "one linear quantized alone: trained − fixed Δ log-ppl "
+                    "(red: trained worse)", cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -bound, bound))
+    save_figure(figure, path)
 
 
 def main() -> None:

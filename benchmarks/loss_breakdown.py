@@ -221,13 +221,26 @@ def plot(results: dict[str, Any], path: Path) -> None:
     bars.set_title("W4A4 loss by layer (everything else full precision)")
     bars.grid(True, axis="y", alpha=0.3)
     if linears:
-        grid = torch.tensor([[linears.get(f"{i}.{name}", float("nan")) for i in range(count)] for name in LINEAR_NAMES])
-        image = heat.imshow(grid.numpy(), aspect="auto", cmap="magma_r", interpolation="nearest")
-        heat.set_yticks(range(len(LINEAR_NAMES)), LINEAR_NAMES)
-        heat.set_xticks(range(count))
-        heat.set_xlabel("decoder layer")
-        heat.set_title("one linear quantized alone (its weight and its input): Δ log-ppl")
-        figure.colorbar(image, ax=heat, orientation="horizontal", fraction=0.08, pad=0.2)
+        linear_heat_map(figure, heat, linears, count, "one linear quantized alone (its weight and its input): "
+                        "Δ log-ppl", cmap="magma_r")
+    save_figure(figure, path)
+
+
+def linear_heat_map(figure: Any, axis: Any, values: dict[str, float], count: int, title: str, **imshow: Any) -> None:
+    """A layer × linear heat map of ``values`` (keyed ``"{layer}.{linear}"``; absent ones blank) on ``axis``."""
+    grid = torch.tensor([[values.get(f"{i}.{name}", float("nan")) for i in range(count)] for name in LINEAR_NAMES])
+    image = axis.imshow(grid.numpy(), aspect="auto", interpolation="nearest", **imshow)
+    axis.set_yticks(range(len(LINEAR_NAMES)), LINEAR_NAMES)
+    axis.set_xticks(range(count))
+    axis.set_xlabel("decoder layer")
+    axis.set_title(title)
+    figure.colorbar(image, ax=axis, orientation="horizontal", fraction=0.08, pad=0.2)
+
+
+def save_figure(figure: Any, path: Path) -> None:
+    """Write ``figure`` to ``path`` atomically and close it."""
+    import matplotlib.pyplot as plt
+
     figure.tight_layout()
     with atomic_write_path(path, suffix=path.suffix) as temporary:
         figure.savefig(temporary, dpi=110)
