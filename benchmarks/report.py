@@ -75,7 +75,7 @@ def machine(data: dict[str, Any]) -> str:
         return info
     where = "CPU" if info.get("device", "cpu") == "cpu" else info["device"]
     parts = [f"{info['cpu_count']} cores" if "cpu_count" in info else None,
-             f"{info['torch_threads']} threads" if "torch_threads" in info else None,
+             f"{info['torch_threads']} thread{'' if info['torch_threads'] == 1 else 's'}" if "torch_threads" in info else None,
              f"torch {info['torch_version']}" if "torch_version" in info else None]
     details = ", ".join(p for p in parts if p)
     return f"{where} ({details})" if details else where
@@ -318,6 +318,16 @@ def loss_breakdown(data: dict[str, Any]) -> Section:
                    **base(data, "benchmarks/loss_breakdown.py"))
 
 
+def token_energy(data: dict[str, Any]) -> Section:
+    top = f"{data['top']:.0%}"
+    return Section("Where a block MSE looks", f"Each decoder layer's output on the FP model: the share of its summed "
+                   f"squares held by the {top} of tokens with the largest mean square (what a block MSE weighs), and "
+                   "the largest token's mean square over the median's. Where the share is near 1, the block MSE "
+                   "measures those few tokens alone; the recipes' `optim.loss: token_relative` weighs every token "
+                   "alike.", data["rows"], model=data.get("model", SMOLLM2), windows=data.get("windows"),
+                   **base(data, "benchmarks/token_energy.py"))
+
+
 def learning_gap(data: dict[str, Any]) -> Section:
     settings, whole = data["settings"], data["whole"]
     labels = {"all_on": "whole model, all on", "sum_of_layers": "sum of the layers, each alone",
@@ -496,6 +506,7 @@ SECTIONS: list[tuple[str, Callable[..., Section]]] = [
     ("kron_lr0.025.json", kron_lr),
     ("loss_breakdown.json", loss_breakdown),
     ("learning_gap_demo.json", learning_gap),
+    ("token_energy.json", token_energy),
     ("untrained_baselines.json", untrained),
     ("real_layer_w4a4.json", real_layer),
     ("lm_eval_wikitext.json", lm_eval),
