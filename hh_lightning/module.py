@@ -9,7 +9,6 @@ from typing import Literal
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 
@@ -190,7 +189,7 @@ class HHBlockModule(L.LightningModule):
         self.fixed_state: dict[str, torch.Tensor] | None = None
         self.val_mse = MeanMetric()
         # (global_step, batches, MSE) of the last validation epoch, which measures the block as it ships;
-        # export reuses it when no step came after and it saw every batch (keep_better_state_). Not saved:
+        # export reuses it when no step came after and it saw every batch (artifacts.trained_mse). Not saved:
         # a resumed fit measures again.
         self.shipped_val_mse: tuple[int, int, float] | None = None
         self._unrounded_state: dict[str, torch.Tensor] | None = None
