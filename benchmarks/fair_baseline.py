@@ -14,10 +14,11 @@ into ``RUNS_DIR/fixed_sS`` and ``RUNS_DIR/trained_sS``; a run directory that alr
 ``summary.json`` is read, not refit, so an interrupted run resumes. ``--collect-only`` fits nothing
 and reads what is there.
 
-Beside the pair, ``--kinds`` can fit the trained row with a change (``VARIANTS``): the block MSE in
-place of the per-token relative error the demo trains on; nothing learned after the PCA init (what
-training adds to its start); the weights left unquantized while training (the grids set at fold, so
-training never sees the nearest rounding GPTQ replaces); the clips or the rotations learned alone. A seed enters the file once its pair is finished; a variant's mean row
+Beside the pair, ``--kinds`` can fit the trained row with changes (``VARIANTS``): 4 steps a layer
+instead of the demo's 16; the block MSE in place of the per-token relative error the demo trains on;
+nothing learned after the PCA init (what training adds to its start); the weights left unquantized
+while training (the grids set at fold, so training never sees the nearest rounding GPTQ replaces);
+the clips or the rotations learned alone. A seed enters the file once its pair is finished; a variant's mean row
 averages the seeds it holds and names them when they are fewer.
 
 Per seed, ``gap_closed`` = (log ppl_fixed - log ppl_trained) / (log ppl_fixed - log ppl_fp), the
@@ -56,22 +57,27 @@ DEFAULT_RUNS_DIR = "runs/fair"
 # The FP model scores the same windows whatever the seed; only the fixed fit scores it, and the trained
 # row of a seed reads its FP from there (the trained fit is the shipped recipe otherwise).
 TRAINED_OVERRIDES = ["--pipeline.eval_fp", "false"]
-# The questions beside the pair: the block MSE in place of the demo's per-token relative error, what
-# training adds to its PCA start, training with the weights unquantized, and which parameters learn.
+# The questions beside the pair: a quarter of the demo's steps, the block MSE in place of its per-token
+# relative error, what training adds to its PCA start, training with the weights unquantized, and which
+# parameters learn.
 # Each is the trained row with the changes listed (every setting it differs in, so each command gives
 # its row again); none is part of the pair a seed needs.
 MSE = ["--model.optim.loss", "mse"]
+FOUR_STEPS = ["--trainer.max_epochs", "2"]  # 8 windows in batches of 4: 2 steps an epoch
 NOTHING_LEARNED = ["--model.optim.lr_transforms", "0", "--model.optim.lr_clips", "0", "--trainer.max_epochs", "1"]
 WEIGHTS_UNQUANTIZED = ["--model.quant.train_weights_quantized", "false"]
 VARIANTS = {
-    "mse": ("trained on the block MSE", MSE),
+    "steps_4": ("trained 4 steps a layer (2 epochs)", FOUR_STEPS),
+    "mse": ("trained 4 steps a layer on the block MSE", MSE + FOUR_STEPS),
     "pca_only_mse": ("PCA init, nothing learned (what training adds)", NOTHING_LEARNED + MSE),
-    "weights_unquantized": ("trained with the weights unquantized, grids set at fold", WEIGHTS_UNQUANTIZED),
-    "weights_unquantized_mse": ("block MSE, weights unquantized while training", WEIGHTS_UNQUANTIZED + MSE),
-    "clips_only_mse": ("block MSE, clip ratios learned, rotations at their PCA init",
-                       ["--model.optim.lr_transforms", "0"] + MSE),
-    "rotations_only_mse": ("block MSE, rotations learned, clip ratios at their init",
-                           ["--model.optim.lr_clips", "0"] + MSE),
+    "weights_unquantized": ("4 steps, weights unquantized while training, grids set at fold",
+                            WEIGHTS_UNQUANTIZED + FOUR_STEPS),
+    "weights_unquantized_mse": ("4 steps on the block MSE, weights unquantized while training",
+                                WEIGHTS_UNQUANTIZED + MSE + FOUR_STEPS),
+    "clips_only_mse": ("4 steps on the block MSE, clip ratios learned, rotations at their PCA init",
+                       ["--model.optim.lr_transforms", "0"] + MSE + FOUR_STEPS),
+    "rotations_only_mse": ("4 steps on the block MSE, rotations learned, clip ratios at their init",
+                           ["--model.optim.lr_clips", "0"] + MSE + FOUR_STEPS),
 }
 KINDS = {"fixed": (FIXED, FIXED_OVERRIDES), "trained": (TRAINED, TRAINED_OVERRIDES),
          **{name: (label, TRAINED_OVERRIDES + overrides) for name, (label, overrides) in VARIANTS.items()}}
