@@ -166,10 +166,10 @@ def keep_best_state_(pl_module: HHBlockModule, val_loader: Any) -> tuple[str, di
     not measured again, and ties keep the earlier state. Returns ``(kept, {state: MSE})``; modules
     without a recorded initial or fixed state (checkpoints from older versions) weigh what they hold.
     """
+    mse: dict[str, float] = {"trained": trained_mse(pl_module, val_loader)}  # rounds the block as it ships
     states = {"trained": pl_module.trainable_state(), "initial": pl_module.initial_state,
               "fixed": pl_module.fixed_state}
-    mse: dict[str, float] = {"trained": trained_mse(pl_module, val_loader)}
-    shipped = [("trained", pl_module.trainable_state())]  # each state measured, in the form it ships
+    shipped = [("trained", states["trained"])]  # each state measured, in the form it ships
     for name in ("initial", "fixed"):
         if states[name] is None:
             continue
