@@ -61,6 +61,10 @@ WEIGHT_ROUNDINGS: tuple[str, ...] = ("nearest", "gptq")
 LINEAR_INPUTS = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o_proj", "gate_proj": "upgate",
                  "up_proj": "upgate", "down_proj": "down"}
 ROTATION_DTYPES: tuple[str, ...] = ("float16", "bfloat16", "float32")
+PcaStatistics = Literal["raw", "token_relative"]
+PCA_STATISTICS: tuple[str, ...] = ("raw", "token_relative")
+# collect_statistics keeps a rotation input's per-token normalized sums under its name and this suffix.
+TOKEN_RELATIVE_SUFFIX = ":token_relative"
 # Five rotations per layer (j = 0..4), each seeding up to three parts (seed, seed + 1, seed + 2).
 MIN_SEED_LAYER_STRIDE = 7
 LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -114,6 +118,12 @@ class BlockQuantConfig:
             kronecker: Hadamard-like factors and random signs) or ``pca``
             (householder and hadamard_householder: top principal directions
             mapped onto flat ones).
+        pca_statistics: which covariance the ``pca`` init diagonalizes: ``raw``, ``XᵀX/N`` of
+            the rotation's input rows, or ``token_relative``, the same sum with each row
+            scaled to unit mean square first. The per-token activation quantizer sees each
+            token at its own scale, while the raw sum is dominated by the few tokens with
+            massive activations; the token-relative one weighs every token alike, as
+            ``optim.loss='token_relative'`` does. GPTQ's Hessians stay raw either way.
         rotation_dtype: the number format the learned rotation values are
             rounded to at fold and stored in (``float16``, ``bfloat16`` or
             ``float32``). Rounding happens before the weights are folded, so
@@ -173,6 +183,7 @@ class BlockQuantConfig:
     down_reflections: int | None = 32
     kv_reflections: int | None = 0
     rotation_init: RotationInit = "pca"
+    pca_statistics: PcaStatistics = "raw"
     rotation_dtype: RotationDtype = "float16"
     smoothing: bool = False
     seed: int = 0
@@ -247,6 +258,8 @@ class BlockQuantConfig:
             raise ValueError(f"quant.dense_apply_ratio={self.dense_apply_ratio} must be in [0, 1]")
         self.w_search.validate("quant.w_search")
         self.w_hqq.validate("quant.w_hqq")
+        if self.pca_statistics not in PCA_STATISTICS:
+            raise ValueError(f"quant.pca_statistics={self.pca_statistics!r} is not one of {PCA_STATISTICS}")
         if self.rotation_dtype not in ROTATION_DTYPES:
             raise ValueError(f"quant.rotation_dtype={self.rotation_dtype!r} is not one of {ROTATION_DTYPES}")
         if self.o_rotation not in ("head", "full", "none"):
@@ -454,10 +467,20 @@ class HHDecoderBlock(nn.Module):
         if self._statistics is None:
             return
         rows = rows.detach().reshape(-1, rows.shape[-1]).float()
+        self._accumulate(name, rows)
+        if self.quant.pca_statistics == "token_relative" and name in self.rotations():
+            mean_square = rows.pow(2).mean(dim=1, keepdim=True)
+            # An all-zero row (nothing to normalize) stays zero rather than dividing by zero.
+            scale = torch.where(mean_square > 0, mean_square.clamp_min(torch.finfo(rows.dtype).tiny).rsqrt(),
+                                torch.zeros_like(mean_square))
+            self._accumulate(name + TOKEN_RELATIVE_SUFFIX, rows * scale)
+
+    def _accumulate(self, key: str, rows: torch.Tensor) -> None:
+        """Add ``rowsᵀ rows`` (float64, on the CPU) and the row count to ``self._statistics[key]``."""
         gram = (rows.T @ rows).double().cpu()
-        entry = self._statistics.get(name)
+        entry = self._statistics.get(key)
         if entry is None:  # the first batch's sums are the product itself: no d × d zeros to fill and add to
-            self._statistics[name] = [gram, torch.tensor(float(rows.shape[0]), dtype=torch.float64)]
+            self._statistics[key] = [gram, torch.tensor(float(rows.shape[0]), dtype=torch.float64)]
         else:
             entry[0] += gram
             entry[1] += rows.shape[0]
@@ -565,10 +588,11 @@ class HHDecoderBlock(nn.Module):
 
     @torch.no_grad()
     def init_rotations_pca_(self, statistics: dict[str, list[torch.Tensor]]) -> None:
-        """PCA-initialize every rotation from ``collect_statistics`` sums."""
+        """PCA-initialize every rotation from ``collect_statistics`` sums (``quant.pca_statistics``'s)."""
+        suffix = TOKEN_RELATIVE_SUFFIX if self.quant.pca_statistics == "token_relative" else ""
         for name, rotation in self.rotations().items():
             if rotation.supports_pca:
-                total, count = statistics[name]
+                total, count = statistics[name + suffix]
                 rotation.init_pca_((total / count).to(rotation._device()), seed=self.quant.seed + self.layer_idx)
 
     @torch.no_grad()

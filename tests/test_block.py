@@ -8,6 +8,7 @@ import torch
 from tiny_models import tiny_config, tiny_model
 
 from hh_lightning.block import (
+    TOKEN_RELATIVE_SUFFIX,
     BlockQuantConfig,
     HHDecoderBlock,
     check_model_type,
@@ -123,6 +124,47 @@ def test_gptq_fold_lowers_the_block_error_of_nearest_rounding(model_type, act_or
         alone = linear.fold(hessian=linear.transformed_hessian(statistics[LINEAR_INPUTS[name]][0]),
                             act_order=act_order)
         assert torch.equal(gptq.linears[name].codes, alone.codes), name
+
+
+@pytest.mark.parametrize("structure", ["householder", "hadamard_householder"])
+def test_token_relative_pca_statistics_weigh_every_token_alike(structure) -> None:
+    """quant.pca_statistics='token_relative': each rotation input row is summed at unit mean square, the
+    PCA init reads those sums, and GPTQ's raw sums are the ones a raw run records."""
+    model = tiny_model("qwen2")
+    overrides = dict(kv_reflections=None, o_rotation="full", rotation_structure=structure)
+    relative = HHDecoderBlock(model.model.layers[0], model.config, model.model.rotary_emb,
+                              BlockQuantConfig(**overrides, pca_statistics="token_relative"), 0)
+    raw = HHDecoderBlock(model.model.layers[0], model.config, model.model.rotary_emb, BlockQuantConfig(**overrides), 0)
+    hidden = torch.randn(2, 16, model.config.hidden_size)
+    statistics = relative.collect_statistics(hidden)
+    raw_statistics = raw.collect_statistics(hidden)
+    suffix = TOKEN_RELATIVE_SUFFIX
+    assert set(statistics) == set(raw_statistics) | {name + suffix for name in relative.rotations()}
+    for name in raw_statistics:
+        assert torch.equal(statistics[name][0], raw_statistics[name][0]), name
+    for name, rotation in relative.rotations().items():
+        gram, count = statistics[name + suffix]
+        assert count == raw_statistics[name][1]
+        # Every row has mean square 1, so the trace is the row count times d.
+        assert torch.allclose(gram.trace(), count * rotation.dim, rtol=1e-6), name
+    # Rescaling any row leaves its token-relative sum as it was.
+    rows = torch.randn(40, relative.rotations()["down"].dim)
+    scales = torch.logspace(-3, 3, 40)[:, None]
+    relative._statistics = {}
+    relative._record("down", rows)
+    relative._record("upgate", torch.randn(3, relative.rotations()["upgate"].dim))
+    first = relative._statistics["down" + suffix][0].clone()
+    relative._statistics = {}
+    relative._record("down", rows * scales)
+    assert torch.allclose(relative._statistics["down" + suffix][0], first, rtol=1e-5, atol=1e-4)
+    relative._statistics = None
+    # The PCA init reads the token-relative sums.
+    relative.init_rotations_pca_(statistics)
+    for name, rotation in relative.rotations().items():
+        expected = copy.deepcopy(rotation)
+        gram, count = statistics[name + suffix]
+        expected.init_pca_(gram / count, seed=relative.quant.seed)
+        assert torch.allclose(rotation.matrix(), expected.matrix(), atol=1e-6), name
 
 
 def test_statistics_do_not_depend_on_rotations() -> None:

@@ -252,7 +252,7 @@ BAD_FIELD_VALUES = {
         o_reflections=10_000, upgate_reflections=-2, down_reflections=10_000, kv_reflections=-1, rotation_init="zeros",
         rotation_dtype="float8", smoothing="maybe", seed=-1, seed_layer_stride=3, dense_apply_ratio=1.5,
         w_search={"grid_points": 0}, w_hqq={"kappa": 0.5}, w_rounding="stochastic", gptq_damp=-0.1,
-        gptq_act_order="maybe", train_weights_quantized="maybe").items()},
+        gptq_act_order="maybe", train_weights_quantized="maybe", pca_statistics="whitened").items()},
     **{f"model.optim.{name}": value for name, value in dict(
         lr_transforms=float("nan"), lr_clips=-1.0, weight_decay=-0.1, min_lr_ratio=1.5, betas=[0.9, 1.0],
         warmup_ratio=1.0, compile="fastest", loss="l1").items()},
