@@ -57,13 +57,13 @@ DEFAULT_RUNS_DIR = "runs/fair"
 TRAINED_OVERRIDES = ["--pipeline.eval_fp", "false"]
 # The questions beside the pair, each the trained row with the changes listed (every setting it differs in,
 # so each command gives its row again): what training adds to its PCA start, the recipes' earlier loss
-# and length, and more steps with either PCA covariance. None is part of the pair.
+# and length, and more epochs with either PCA covariance. None is part of the pair.
 VARIANTS = {
     "pca_only": ("PCA init, nothing learned (what training adds)",
                  ["--model.optim.lr_transforms", "0", "--model.optim.lr_clips", "0", "--trainer.max_epochs", "1"]),
     "mse_epochs_2": ("trained 2 epochs on the block MSE", ["--model.optim.loss", "mse", "--trainer.max_epochs", "2"]),
-    "steps_64": ("trained 8 epochs instead of 6", ["--trainer.max_epochs", "8"]),
-    "steps_64_pca_token_relative": ("trained 8 epochs, PCA init on each token scaled to unit mean square",
+    "epochs_8": ("trained 8 epochs instead of 6", ["--trainer.max_epochs", "8"]),
+    "epochs_8_pca_token_relative": ("trained 8 epochs, PCA init on each token scaled to unit mean square",
                                     ["--trainer.max_epochs", "8", "--model.quant.pca_statistics", "token_relative"]),
 }
 KINDS = {"fixed": (FIXED, FIXED_OVERRIDES), "trained": (TRAINED, TRAINED_OVERRIDES),

@@ -161,7 +161,8 @@ def fair_pair(name: str, data: dict[str, Any]) -> dict[str, Any]:
     row = {"recipe": name, "seeds": ", ".join(map(str, data["seeds"])), "windows": data["windows"],
            "FP ppl": fixed["fp_ppl"], "fixed Hadamard + GPTQ ppl": fixed["w4a4_ppl"]}
     if trained is not None:
-        row.update({"trained ppl": trained["w4a4_ppl"], "log-ppl gap closed": trained.get("gap_closed"), "sd": trained.get("gap_closed sd")})
+        row.update({"trained ppl": trained["w4a4_ppl"], "log-ppl gap closed": trained.get("gap_closed"),
+                    "sd": trained.get("gap_closed sd")})
     return row
 
 
