@@ -45,10 +45,10 @@ from typing import Any
 import torch
 from _common import machine_info, markdown_table, write_json_atomic
 from loss_breakdown import (ErrorSources, checked_sources, layer_units, linear_heat_map, linear_units, load_run,
-                            run_config, save_figure, scan)
+                            run_config, save_figure, scan, write_outputs)
 
 from hh_lightning.block import LINEAR_NAMES
-from hh_lightning.files import sha256_file, write_text_atomic
+from hh_lightning.files import sha256_file
 from hh_lightning.text import evaluation_windows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -243,12 +243,7 @@ def main() -> None:
                          "(are they runs of the same model?)")
     results.update(summarize(results["rows"]))
     store()
-    text = tables(results)
-    write_text_atomic(out / f"{args.name}.md", text)
-    plot(results, out / f"{args.name}.png")
-    print()
-    print(text)
-    print(f"wrote {stored_path}", file=sys.stderr)
+    write_outputs(results, tables(results), plot, out, args.name, stored_path)
 
 
 if __name__ == "__main__":

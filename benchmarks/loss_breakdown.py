@@ -35,6 +35,7 @@ import copy
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -247,6 +248,17 @@ def save_figure(figure: Any, path: Path) -> None:
     plt.close(figure)
 
 
+def write_outputs(results: dict[str, Any], text: str, draw: Callable[[dict[str, Any], Path], None] | None,
+                  out: Path, name: str, stored_path: Path) -> None:
+    """Write ``out/name.md`` (``text``) and, with ``draw``, ``out/name.png``; print the tables and the JSON's path."""
+    write_text_atomic(out / f"{name}.md", text)
+    if draw is not None:
+        draw(results, out / f"{name}.png")
+    print()
+    print(text)
+    print(f"wrote {stored_path}", file=sys.stderr)
+
+
 def tables(results: dict[str, Any]) -> str:
     rows, settings = results["rows"], results["settings"]
     text = ""
@@ -384,13 +396,8 @@ def main() -> None:
             done = results["rows"].setdefault(part, {})
             scan(sources, scan_windows, units(sources), done, store)
             store()
-    text_out = tables(results)
-    write_text_atomic(out / f"{args.name}.md", text_out)
-    if "layers" in results["rows"] or "linears" in results["rows"]:
-        plot(results, out / f"{args.name}.png")
-    print()
-    print(text_out)
-    print(f"wrote {stored_path}", file=sys.stderr)
+    draw = plot if "layers" in results["rows"] or "linears" in results["rows"] else None
+    write_outputs(results, tables(results), draw, out, args.name, stored_path)
 
 
 if __name__ == "__main__":
