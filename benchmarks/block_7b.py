@@ -215,10 +215,7 @@ def run_step(name: str, args: argparse.Namespace) -> dict[str, Any]:
         block.init_rotations_pca_(block.collect_statistics(x))
     block.initialize_weight_quantizers()
     optim = OptimConfig()
-    groups = block.parameter_groups()
-    optimizer = torch.optim.AdamW([{"params": groups["transforms"], "lr": optim.lr_transforms},
-                                   {"params": groups["clips"], "lr": optim.lr_clips}],
-                                  weight_decay=optim.weight_decay, betas=optim.betas)
+    optimizer = optim.optimizer(block.parameter_groups())
     build_s, build_rss = time.perf_counter() - start, peak_rss_gib()
     losses: list[float] = []
 

@@ -348,12 +348,8 @@ def wrapped_module(layer, config, rotary_emb, x, quant: BlockQuantConfig, optim:
 def wrapped_step_fn(module: HHBlockModule, x, y, total_steps: int, dtype: torch.dtype | None = None):
     """One calibration step the way Lightning's automatic optimization runs it (no Trainer): the
     training step under ``dtype`` autocast when given, as Lightning's ``*-mixed`` precision does."""
-    groups = module.block.parameter_groups()
     optim = module.optim
-    optimizer = torch.optim.AdamW(
-        [{"params": groups["transforms"], "lr": optim.lr_transforms, "name": "transforms"},
-         {"params": groups["clips"], "lr": optim.lr_clips, "name": "clips"}],
-        weight_decay=optim.weight_decay, betas=optim.betas)
+    optimizer = optim.optimizer(module.block.parameter_groups())
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cosine_factor(step, total_steps, optim.min_lr_ratio))
     counter = [0]

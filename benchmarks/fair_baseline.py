@@ -50,7 +50,7 @@ FIXED = "fixed Hadamard + GPTQ"
 TRAINED = "trained (the recipe)"
 # What turns the recipe into the fixed row: reflections at identity, nothing learned.
 FIXED_OVERRIDES = ["--model.quant.rotation_init", "identity", "--model.optim.lr_transforms", "0",
-                   "--model.optim.lr_clips", "0", "--trainer.max_epochs", "1"]
+                   "--model.optim.lr_clips", "0", "--model.optim.lr_smoothing", "0", "--trainer.max_epochs", "1"]
 DEFAULT_RUNS_DIR = "runs/fair"
 # The FP model scores the same windows whatever the seed; only the fixed fit scores it, and the trained
 # row of a seed reads its FP from there (the trained fit is the shipped recipe otherwise).
@@ -60,7 +60,8 @@ TRAINED_OVERRIDES = ["--pipeline.eval_fp", "false"]
 # and length, and more epochs with either PCA covariance. None is part of the pair.
 VARIANTS = {
     "pca_only": ("PCA init, nothing learned (what training adds)",
-                 ["--model.optim.lr_transforms", "0", "--model.optim.lr_clips", "0", "--trainer.max_epochs", "1"]),
+                 ["--model.optim.lr_transforms", "0", "--model.optim.lr_clips", "0", "--model.optim.lr_smoothing", "0",
+                  "--trainer.max_epochs", "1"]),
     "mse_epochs_2": ("trained 2 epochs on the block MSE", ["--model.optim.loss", "mse", "--trainer.max_epochs", "2"]),
     "epochs_8": ("trained 8 epochs instead of 6", ["--trainer.max_epochs", "8"]),
     "epochs_8_pca_token_relative": ("trained 8 epochs, PCA init on each token scaled to unit mean square",

@@ -448,14 +448,16 @@ class HHDecoderBlock(nn.Module):
         return names
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
-        """Trainable parameters split into ``transforms`` (reflections, smoothing) and ``clips``."""
-        groups: dict[str, list[nn.Parameter]] = {"transforms": [], "clips": []}
+        """Trainable parameters split into ``transforms`` (reflections), ``smoothing`` (the per-channel
+        log-scales) and ``clips`` (weight and activation clip logits); a group may be empty."""
+        groups: dict[str, list[nn.Parameter]] = {"transforms": [], "smoothing": [], "clips": []}
         seen: set[int] = set()
         for name, parameter in self.named_parameters():
             if not parameter.requires_grad or id(parameter) in seen:
                 continue
             seen.add(id(parameter))
-            groups["clips" if "clip_logit" in name else "transforms"].append(parameter)
+            group = "clips" if "clip_logit" in name else "smoothing" if "log_smoothing" in name else "transforms"
+            groups[group].append(parameter)
         return groups
 
     @property

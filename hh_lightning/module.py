@@ -56,6 +56,10 @@ class OptimConfig:
             the rest (the next block reads each token through its RMSNorm).
         lr_transforms: peak learning rate of the rotations and smoothing scales (>= 0).
         lr_clips: peak learning rate of the weight and activation clip ratios (>= 0).
+        lr_smoothing: peak learning rate of the smoothing log-scales (``quant.smoothing``), >= 0;
+            ``null`` takes ``lr_transforms``. A log-scale is not an angle: an AdamW step of size
+            ``lr`` changes the scale by a factor ``e^lr``, so at the rotations' lr a few dozen steps
+            move no scale by more than about 10%.
         weight_decay: AdamW weight decay (>= 0).
         min_lr_ratio: the cosine schedule ends at ``lr · min_lr_ratio``, in (0, 1].
         betas: AdamW's two moment decays, each in [0, 1).
@@ -75,6 +79,7 @@ class OptimConfig:
 
     lr_transforms: float = 5e-3
     lr_clips: float = 5e-2
+    lr_smoothing: float | None = None
     weight_decay: float = 0.0
     min_lr_ratio: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
@@ -82,12 +87,26 @@ class OptimConfig:
     warmup_ratio: float = 0.0
     loss: BlockLoss = "mse"
 
+    def learning_rates(self) -> dict[str, float]:
+        """Each parameter group's peak learning rate, by ``HHDecoderBlock.parameter_groups`` name."""
+        smoothing = self.lr_transforms if self.lr_smoothing is None else self.lr_smoothing
+        return {"transforms": self.lr_transforms, "smoothing": smoothing, "clips": self.lr_clips}
+
+    def optimizer(self, groups: dict[str, list[torch.nn.Parameter]]) -> torch.optim.AdamW:
+        """AdamW over ``groups`` (``HHDecoderBlock.parameter_groups()``), each at its peak lr, named."""
+        rates = self.learning_rates()
+        return torch.optim.AdamW([{"params": params, "lr": rates[name], "name": name}
+                                  for name, params in groups.items()],
+                                 weight_decay=self.weight_decay, betas=self.betas)
+
     def validate(self) -> None:
         """One-line errors naming the field: a negative lr would train the error upward."""
         if self.loss not in BLOCK_LOSSES:
             raise ValueError(f"model.optim.loss={self.loss!r} is not one of {BLOCK_LOSSES}")
-        for name in ("lr_transforms", "lr_clips", "weight_decay"):
+        for name in ("lr_transforms", "lr_clips", "lr_smoothing", "weight_decay"):
             value = getattr(self, name)
+            if name == "lr_smoothing" and value is None:
+                continue
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"model.optim.{name}={value} must be a finite number >= 0")
         if not 0 < self.min_lr_ratio <= 1:
@@ -314,11 +333,7 @@ class HHBlockModule(L.LightningModule):
             checkpoint["state_dict"][f"block.{name}"] = own[name]
 
     def configure_optimizers(self):
-        groups = self.block.parameter_groups()
-        optimizer = torch.optim.AdamW(
-            [{"params": groups["transforms"], "lr": self.optim.lr_transforms, "name": "transforms"},
-             {"params": groups["clips"], "lr": self.optim.lr_clips, "name": "clips"}],
-            weight_decay=self.optim.weight_decay, betas=self.optim.betas)
+        optimizer = self.optim.optimizer(self.block.parameter_groups())
         total_steps = int(self.trainer.estimated_stepping_batches)
         warmup_steps = int(self.optim.warmup_ratio * total_steps)
         schedule = torch.optim.lr_scheduler.LambdaLR(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -195,13 +196,30 @@ def test_a_state_equal_to_one_measured_is_not_measured_again(monkeypatch) -> Non
     assert kept == "initial" and errors["fixed"] == errors["initial"] == float(module.mse_init)
 
 
-def test_the_fixed_rows_config_trains_nothing() -> None:
-    """The fair baseline's fixed row (reflections at identity, both learning rates 0): after a fit of
-    several steps every rotation and clip is bit for bit where it started, and the rotations are as built."""
+def _fixed_row_optim(monkeypatch: pytest.MonkeyPatch) -> OptimConfig:
+    """A recipe that learns every group at a nonzero lr, with the fair baseline's fixed-row overrides
+    (``benchmarks/fair_baseline.py``'s ``FIXED_OVERRIDES``) applied on top."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    overrides = importlib.import_module("fair_baseline").FIXED_OVERRIDES
+    optim = {"lr_transforms": 0.01, "lr_clips": 0.05, "lr_smoothing": 0.05}
+    for flag, value in zip(overrides[::2], overrides[1::2]):
+        if flag.startswith("--model.optim."):
+            optim[flag.removeprefix("--model.optim.")] = float(value)
+    return OptimConfig(**optim)
+
+
+def test_the_fixed_rows_config_trains_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fair baseline's fixed row (reflections at identity, its learning rate overrides), on a recipe
+    that learns rotations, smoothing and clips: after a fit of several steps every trainable value is bit
+    for bit where it started, and the rotations are as built."""
     import lightning as L
 
-    quant = BlockQuantConfig(**{**QUANT.to_dict(), "rotation_init": "identity", "w_rounding": "gptq"})
-    module = _module(quant, OptimConfig(lr_transforms=0.0, lr_clips=0.0))
+    quant = BlockQuantConfig(**{**QUANT.to_dict(), "rotation_init": "identity", "w_rounding": "gptq",
+                                "smoothing": True})
+    module = _module(quant, _fixed_row_optim(monkeypatch))
+    assert module.block.parameter_groups()["smoothing"]
     pairs = [(x[0], y[0]) for x, y in _fp_pairs(module.block, 4)]
     built = module.fixed_state
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from tiny_models import tiny_model
 
-from hh_lightning.block import BlockQuantConfig
+from hh_lightning.block import BlockQuantConfig, HHDecoderBlock
 from hh_lightning.module import HHBlockModule, OptimConfig, cosine_factor
 from hh_lightning.structured import ROTATION_STRUCTURES, STRUCTURE_INITS
 
@@ -195,3 +195,30 @@ def _saved(obj: dict) -> io.BytesIO:
     torch.save(obj, buffer)
     buffer.seek(0)
     return buffer
+
+
+@pytest.mark.parametrize("lr_smoothing", [None, 0.0, 0.2])
+def test_each_parameter_group_trains_at_its_own_learning_rate(lr_smoothing) -> None:
+    """Reflections, smoothing log-scales and clip logits fall in one group each, and the optimizer gives
+    each its lr (the smoothing's is the rotations' unless set): one step moves exactly the groups whose
+    lr is nonzero."""
+    model = tiny_model("qwen2")
+    quant = BlockQuantConfig(qkv_reflections=4, upgate_reflections=4, down_reflections=4, smoothing=True)
+    block = HHDecoderBlock(model.model.layers[0], model.config, model.model.rotary_emb, quant, 0)
+    groups = block.parameter_groups()
+    names = {id(p): name for name, p in block.named_parameters()}
+    assert all("log_smoothing" in names[id(p)] for p in groups["smoothing"]) and groups["smoothing"]
+    assert all("clip_logit" in names[id(p)] for p in groups["clips"]) and groups["clips"]
+    assert all("vectors" in names[id(p)] for p in groups["transforms"]) and groups["transforms"]
+    assert sum(map(len, groups.values())) == sum(p.requires_grad for p in block.parameters())
+
+    optim = OptimConfig(lr_transforms=0.0, lr_clips=0.0, lr_smoothing=lr_smoothing)
+    optimizer = optim.optimizer(groups)
+    assert {g["name"]: g["lr"] for g in optimizer.param_groups} == {
+        "transforms": 0.0, "clips": 0.0, "smoothing": 0.0 if lr_smoothing is None else lr_smoothing}
+    before = {name: p.detach().clone() for name, p in block.named_parameters() if p.requires_grad}
+    hidden = torch.randn(2, 8, model.config.hidden_size)
+    block(hidden).pow(2).mean().backward()
+    optimizer.step()
+    moved = {name for name, p in block.named_parameters() if p.requires_grad and not torch.equal(p, before[name])}
+    assert moved == ({name for name in before if "log_smoothing" in name} if lr_smoothing else set())

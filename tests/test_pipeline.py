@@ -254,8 +254,8 @@ BAD_FIELD_VALUES = {
         w_search={"grid_points": 0}, w_hqq={"kappa": 0.5}, w_rounding="stochastic", gptq_damp=-0.1,
         gptq_act_order="maybe", train_weights_quantized="maybe", pca_statistics="whitened").items()},
     **{f"model.optim.{name}": value for name, value in dict(
-        lr_transforms=float("nan"), lr_clips=-1.0, weight_decay=-0.1, min_lr_ratio=1.5, betas=[0.9, 1.0],
-        warmup_ratio=1.0, compile="fastest", loss="l1").items()},
+        lr_transforms=float("nan"), lr_clips=-1.0, lr_smoothing=-0.5, weight_decay=-0.1, min_lr_ratio=1.5,
+        betas=[0.9, 1.0], warmup_ratio=1.0, compile="fastest", loss="l1").items()},
     **{f"data.{name}": value for name, value in dict(
         attn_implementation="fast", calibration_split="tset", n_samples=-1, val_samples=0, seq_len=0, seed=-5,
         cache_dtype="float32", cache_batch_size=0, batch_size=0, num_workers=-1, input_mode="int4",
