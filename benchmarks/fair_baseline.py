@@ -4,7 +4,7 @@
                                        [--runs-dir runs/fair] [--kinds fixed trained ...] [--collect-only]
 
 The fixed row is QuaRot-like: the config with the reflections starting at identity and no learning
-(``rotation_init identity``, both learning rates 0, one epoch), so each rotation is the fixed
+(``rotation_init identity``, every learning rate 0, one epoch), so each rotation is the fixed
 randomized Hadamard alone and GPTQ rounds the weights at fold. The trained row is the config as it
 ships. Both read the same calibration windows (``--data.seed S``) and the Hadamard signs of the same
 seed (``--model.quant.seed S``); each fit scores its export, as loaded back, on the first
@@ -14,9 +14,10 @@ into ``RUNS_DIR/KIND_sS``; a run directory that already holds ``summary.json`` i
 so an interrupted run resumes. ``--collect-only`` fits nothing and reads what is there.
 
 ``--kinds`` (default: the pair) can also fit the trained row with changes (``VARIANTS``): nothing
-learned after the PCA init (what training adds to its start), 2 epochs on the block MSE (the
-recipes before the per-token relative error), and more epochs with either PCA covariance
-(``quant.pca_statistics``). A seed enters the file once its fixed row is finished; each
+learned after the PCA init (what training adds to its start), no smoothing scales or smoothing at
+the rotations' lr (what ``quant.smoothing`` and ``optim.lr_smoothing`` add), and, without smoothing,
+2 epochs on the block MSE (the recipes before the per-token relative error) and more epochs with
+either PCA covariance (``quant.pca_statistics``). A seed enters the file once its fixed row is finished; each
 other row's mean averages the seeds it holds and names them when they are fewer.
 
 Per seed, ``gap_closed`` = (log ppl_fixed - log ppl_trained) / (log ppl_fixed - log ppl_fp), the
@@ -31,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shlex
 import statistics
@@ -43,6 +43,7 @@ from typing import Any
 
 import yaml
 from _common import machine_info, print_markdown_table, write_json_atomic
+from report import gap_closed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -56,16 +57,22 @@ DEFAULT_RUNS_DIR = "runs/fair"
 # row of a seed reads its FP from there (the trained fit is the shipped recipe otherwise).
 TRAINED_OVERRIDES = ["--pipeline.eval_fp", "false"]
 # The questions beside the pair, each the trained row with the changes listed (every setting it differs in,
-# so each command gives its row again): what training adds to its PCA start, the recipes' earlier loss
-# and length, and more epochs with either PCA covariance. None is part of the pair.
+# so each command gives its row again): what training adds to its PCA start, what the smoothing scales and
+# their own lr add, and the recipes' earlier loss, length and PCA covariance (without smoothing, as they were
+# measured). None is part of the pair.
+NO_SMOOTHING = ["--model.quant.smoothing", "false"]
 VARIANTS = {
     "pca_only": ("PCA init, nothing learned (what training adds)",
                  ["--model.optim.lr_transforms", "0", "--model.optim.lr_clips", "0", "--model.optim.lr_smoothing", "0",
                   "--trainer.max_epochs", "1"]),
-    "mse_epochs_2": ("trained 2 epochs on the block MSE", ["--model.optim.loss", "mse", "--trainer.max_epochs", "2"]),
-    "epochs_8": ("trained 8 epochs instead of 6", ["--trainer.max_epochs", "8"]),
-    "epochs_8_pca_token_relative": ("trained 8 epochs, PCA init on each token scaled to unit mean square",
-                                    ["--trainer.max_epochs", "8", "--model.quant.pca_statistics", "token_relative"]),
+    "no_smoothing": ("trained without smoothing scales", NO_SMOOTHING),
+    "smoothing_at_rotation_lr": ("smoothing at the rotations' lr (0.005)", ["--model.optim.lr_smoothing", "0.005"]),
+    "mse_epochs_2": ("trained 2 epochs on the block MSE, no smoothing",
+                     ["--model.optim.loss", "mse", "--trainer.max_epochs", "2", *NO_SMOOTHING]),
+    "epochs_8": ("trained 8 epochs, no smoothing", ["--trainer.max_epochs", "8", *NO_SMOOTHING]),
+    "epochs_8_pca_token_relative": ("trained 8 epochs, PCA init on each token scaled to unit mean square, "
+                                    "no smoothing", ["--trainer.max_epochs", "8", "--model.quant.pca_statistics",
+                                                     "token_relative", *NO_SMOOTHING]),
 }
 KINDS = {"fixed": (FIXED, FIXED_OVERRIDES), "trained": (TRAINED, TRAINED_OVERRIDES),
          **{name: (label, TRAINED_OVERRIDES + overrides) for name, (label, overrides) in VARIANTS.items()}}
@@ -113,10 +120,6 @@ def model_name(config: str) -> str:
     """The model a config quantizes, and the config: what the table's rows are of."""
     data = yaml.safe_load((REPO_ROOT / config).read_text()).get("data") or {}
     return f"`{data.get('model', 'the default model')}`, `{config}`"
-
-
-def gap_closed(fixed: float, trained: float, fp: float) -> float:
-    return (math.log(fixed) - math.log(trained)) / (math.log(fixed) - math.log(fp))
 
 
 def table_rows(summaries: dict[tuple[str, int], dict[str, Any]], seeds: list[int]) -> list[dict[str, Any]]:

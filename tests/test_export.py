@@ -20,6 +20,7 @@ from hh_lightning.export import (
     save_quantized,
     unpack_codes,
 )
+from hh_lightning.linear import InputTransform
 
 OFF = dict(w_bits=16, a_bits=16, kv_bits=16)
 # Large enough that per-channel scales don't dominate the byte count.
@@ -82,6 +83,12 @@ def _w4a4_model(model_type: str, structure: str = "householder", **sizes) -> nn.
                 for offset, quantizer in enumerate((block.k_quantizer, block.v_quantizer)):
                     quantizer.clip_logit_max.fill_(1.0 + 0.5 * offset + 0.25 * index)
                     quantizer.clip_logit_min.fill_(2.0 - 0.5 * offset)
+    if quant.smoothing:  # scales away from 1, so a round trip or a serving path that drops them fails
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for transform in (m for m in model.modules() if isinstance(m, InputTransform)):
+                if transform.log_smoothing is not None:
+                    transform.log_smoothing.copy_(0.3 * torch.randn(transform.dim, generator=generator))
     tokens = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         hidden = model.model.embed_tokens(tokens)
