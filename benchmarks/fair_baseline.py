@@ -53,6 +53,7 @@ TRAINED = "trained (the recipe)"
 FIXED_OVERRIDES = ["--model.quant.rotation_init", "identity", "--model.optim.lr_transforms", "0",
                    "--model.optim.lr_clips", "0", "--model.optim.lr_smoothing", "0", "--trainer.max_epochs", "1"]
 DEFAULT_RUNS_DIR = "runs/fair"
+DEFAULT_KINDS = ["fixed", "trained"]  # the pair
 # The FP model scores the same windows whatever the seed; only the fixed fit scores it, and the trained
 # row of a seed reads its FP from there (the trained fit is the shipped recipe otherwise).
 TRAINED_OVERRIDES = ["--pipeline.eval_fp", "false"]
@@ -159,7 +160,7 @@ def main() -> int:
     parser.add_argument("--eval-windows", type=int, default=16, help="WikiText-2 test windows each fit scores")
     parser.add_argument("--runs-dir", default=DEFAULT_RUNS_DIR, help="where the fits go, relative to the repository")
     parser.add_argument("--data-dir", default=None, help="WikiText-2 raw directory (default: $HH_DATA_DIR)")
-    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=["fixed", "trained"],
+    parser.add_argument("--kinds", nargs="+", choices=list(KINDS), default=DEFAULT_KINDS,
                         help="which rows to fit (default: the pair; every row of a seed needs its fixed one)")
     parser.add_argument("--collect-only", action="store_true", help="fit nothing; read the summaries there")
     parser.add_argument("--out", type=Path, default=None,
@@ -197,18 +198,22 @@ def main() -> int:
         return 1
     rows = table_rows(summaries, seeds)
     first = summaries["fixed", seeds[0]]["quantized"]
-    # The command that gives this file again: the seeds it holds (their runs resume from summary.json).
+    # The command that gives this file's rows of every seed again (their runs resume from summary.json); a row
+    # of fewer seeds is its kind's fit, under "fits", for the seeds its mean row names.
+    kinds = [kind for kind in KINDS if any((kind, seed) in summaries for seed in seeds)]
+    every_seed = [kind for kind in kinds if all((kind, seed) in summaries for seed in seeds)]
     command = shlex.join(["python", "benchmarks/fair_baseline.py", "--seeds", *map(str, seeds),
                           "--eval-windows", str(args.eval_windows),
                           *(["--config", args.config] if args.config != DEFAULT_CONFIG else []),
-                          *(["--runs-dir", args.runs_dir] if args.runs_dir != DEFAULT_RUNS_DIR else [])])
+                          *(["--runs-dir", args.runs_dir] if args.runs_dir != DEFAULT_RUNS_DIR else []),
+                          *(["--kinds", *every_seed] if every_seed != DEFAULT_KINDS else [])])
     data = {"command": command, "machine": machine_info(), "date": time.strftime("%Y-%m-%d"),
             "model": model_name(args.config), "config": args.config,
             "windows": f"WikiText-2 test, the first {first['n_windows']} windows of {first['seq_len']} tokens",
             "eval_windows": first["n_windows"],
             "seeds": seeds, "seeds_unfinished": missing,
             "fits": {kind: " ".join(fit_command(kind, "{S}", args.eval_windows, args.runs_dir, args.config))
-                     for kind in KINDS if any((kind, seed) in summaries for seed in seeds)},
+                     for kind in kinds},
             "train_seconds": {f"{kind}_s{seed}": summaries[kind, seed].get("train_seconds")
                               for seed in seeds for kind in KINDS if (kind, seed) in summaries},
             "rows": rows}
